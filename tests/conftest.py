@@ -1,0 +1,31 @@
+"""Test setup: 8 fake CPU devices, set before JAX is imported anywhere."""
+import os
+import sys
+
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+assert "jax" not in sys.modules or os.environ["XLA_FLAGS"], "JAX imported before conftest"
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: runs real data or a subprocess (still runs in CI)")
+
+
+@pytest.fixture(scope="session")
+def data_root():
+  """The directory holding the original public datasets (../shared/data in CI)."""
+  root = os.environ.get("SIGMA_DATA_DIR")
+  if not root:
+    raise RuntimeError("SIGMA_DATA_DIR is not set; point it at the shared data directory "
+                       "(e.g. export SIGMA_DATA_DIR=$PWD/../shared/data).")
+  if not os.path.isdir(root):
+    raise RuntimeError(f"SIGMA_DATA_DIR={root} is not a directory")
+  return root
