@@ -1,0 +1,90 @@
+"""Defaults shared by every experiment config; each dataset config starts from `base_config()`.
+
+Every field can be overridden on the command line as ``--config.section.field=value``.
+"""
+import ml_collections
+
+ALL_STAGES = "data,collab,ground,tokenize"
+
+
+def axis_rules():
+  """Logical axis name -> mesh axes. One table for parameters and activations (DESIGN §5)."""
+  return (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "model"),
+      ("heads", "model"),
+      ("kv_heads", "model"),
+      ("kv", None),
+      ("vocab", "model"),
+      ("item", "fsdp"),
+      ("codebook", None),
+      ("length", None),
+      ("beam", None),
+      ("layers", None),
+      ("norm", None),
+  )
+
+
+def backbone(size: str) -> ml_collections.ConfigDict:
+  """Qwen3-style decoder sizes. `tiny` for tests; `small` is the CPU default."""
+  sizes = {
+      "tiny": dict(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64),
+      "small": dict(num_layers=4, d_model=128, num_heads=4, num_kv_heads=2, head_dim=32,
+                    mlp_dim=384),
+      "base": dict(num_layers=12, d_model=768, num_heads=12, num_kv_heads=4, head_dim=64,
+                   mlp_dim=2048),
+  }
+  if size not in sizes:
+    raise ValueError(f"unknown backbone size {size!r}; choose from {sorted(sizes)}")
+  m = ml_collections.ConfigDict(sizes[size])
+  m.size = size
+  m.vocab_size = 4096
+  m.qk_norm = True
+  m.tie_embeddings = True
+  m.rope_theta = 10000.0
+  m.norm_eps = 1e-6
+  m.max_len = 256
+  m.dtype = "float32"
+  return m
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = ALL_STAGES  # comma-separated, run in this order
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "beauty"  # beauty | scientific | movielens | demo
+  c.dataset.manual_dir = ""  # original files; default $SIGMA_DATA_DIR/<dataset subdir>
+  c.dataset.tfds_dir = ""  # where the TFDS array_record dataset goes; default WORKDIR/tfds
+  c.dataset.max_history = 20
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.model = 1
+  c.axis_rules = axis_rules()
+
+  c.model = backbone("small")
+
+  c.collab = ml_collections.ConfigDict()
+  c.collab.d_model = 64
+  c.collab.num_blocks = 2
+  c.collab.num_heads = 1
+  c.collab.dropout = 0.5
+  c.collab.max_len = 20
+  c.collab.epochs = 40
+  c.collab.batch_size = 128
+  c.collab.learning_rate = 1e-3
+  c.collab.weight_decay = 0.0
+  c.collab.eval_every = 1
+  c.collab.patience = 10  # epochs without validation gain before stopping
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.kind = "rqkmeans"  # rqkmeans | rqvae
+  c.tokenizer.levels = 3
+  c.tokenizer.codebook_size = 256
+  c.tokenizer.prefix_len = 1
+  c.tokenizer.dedup = True
+  return c
