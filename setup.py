@@ -23,6 +23,7 @@ setuptools.setup(
         "ml-collections==1.1.0",
         "absl-py>=2.1",
         "etils[epath]>=1.7",
+        "importlib_resources>=6.0",  # tensorflow-datasets needs it but does not declare it
         "tqdm>=4.66",
     ],
     extras_require={"test": ["pytest>=8.0"]},

@@ -88,3 +88,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.prefix_len = 1
   c.tokenizer.dedup = True
   return c
+
+
+def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config in place to a size for tests and quick CPU runs."""
+  c.model = backbone("tiny")
+  c.collab.d_model = 32
+  c.collab.epochs = 3
+  c.collab.batch_size = 64
+  c.tokenizer.codebook_size = 16
+  return c

@@ -1,0 +1,19 @@
+"""Stage ``data``: original files -> TFDS array_record dataset, splits and statistics."""
+from __future__ import annotations
+
+import os
+
+from sigma_jax import pipeline, utils
+from sigma_jax.data import builders, loader
+
+
+@pipeline.stage("data")
+def run_data(cfg, workdir: str) -> dict:
+  builders.build(cfg.dataset.name, loader.tfds_dir(cfg, workdir), cfg.dataset.manual_dir)
+  ds = loader.load_dataset(cfg, workdir)
+  stats = ds.raw.stats()
+  stats["splits"] = ds.splits.counts()
+  stats["protocol"] = {"split": "leave-one-out (TIGER): last item test, second-last validation",
+                       "max_history": int(cfg.dataset.max_history)}
+  utils.write_json(os.path.join(workdir, "data", "stats.json"), stats)
+  return {k: stats[k] for k in ("num_users", "num_items", "num_interactions")}

@@ -1,0 +1,79 @@
+"""The staged run: each stage reads earlier stages' artifacts in the work directory and writes
+its own. A finished stage leaves ``WORKDIR/<stage>/DONE.json`` (written last, atomically) and is
+skipped on the next run; an unfinished one resumes from its own checkpoints.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import time
+from typing import Callable
+
+from sigma_jax import utils
+
+STAGES: dict[str, Callable] = {}
+# The order stages run in, whatever order config.stages lists them in.
+ORDER = ("data", "text_tokenizer", "collab", "pretrain", "ground", "tokenize", "sft", "eval")
+
+
+def stage(name: str):
+  """Registers ``fn(cfg, workdir) -> dict`` as stage ``name``."""
+  if name not in ORDER:
+    raise ValueError(f"stage {name!r} is not in the stage order {ORDER}")
+
+  def register(fn):
+    STAGES[name] = fn
+    return fn
+  return register
+
+
+def parse_stages(spec) -> list[str]:
+  """'data,collab' (or a list) -> stage names in run order; unknown names are an error."""
+  names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+  if not names:
+    raise ValueError("config.stages is empty; name at least one stage, e.g. --config.stages=data")
+  _register_all()
+  unknown = [n for n in names if n not in STAGES]
+  if unknown:
+    raise ValueError(f"unknown or unavailable stage(s) {unknown}; available: "
+                     f"{[s for s in ORDER if s in STAGES]}")
+  return [s for s in ORDER if s in names]
+
+
+def done_marker(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name, "DONE.json")
+
+
+def is_done(workdir: str, name: str) -> bool:
+  return os.path.exists(done_marker(workdir, name))
+
+
+def run(cfg, workdir: str) -> dict:
+  """Runs the stages of ``cfg.stages`` in order; returns each stage's summary."""
+  os.makedirs(workdir, exist_ok=True)
+  summaries = {}
+  for name in parse_stages(cfg.stages):
+    if is_done(workdir, name):
+      logging.info("stage %s: already done, skipped", name)
+      summaries[name] = utils.read_json(done_marker(workdir, name))
+      continue
+    logging.info("stage %s: running", name)
+    start = time.time()
+    summary = STAGES[name](cfg, workdir) or {}
+    summary = dict(summary, stage=name, wall_time_s=round(time.time() - start, 3))
+    utils.write_json(done_marker(workdir, name), summary)
+    summaries[name] = summary
+  return summaries
+
+
+_STAGE_MODULES = ("sigma_jax.data.stage", "sigma_jax.train.collab", "sigma_jax.train.ground",
+                  "sigma_jax.train.tokenize")
+
+
+def _register_all():
+  # Importing a stage module registers its stages; one not written yet is simply unavailable.
+  for mod in _STAGE_MODULES:
+    if importlib.util.find_spec(mod) is not None:
+      importlib.import_module(mod)

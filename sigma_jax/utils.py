@@ -1,0 +1,59 @@
+"""Small I/O helpers: every artifact is written to a temporary path and renamed into place."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+
+
+def _atomic(path: str, write, mode: str):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                             prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, mode) as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path: str, obj) -> None:
+  """Writes JSON atomically (temp file, then rename)."""
+  _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"), "w")
+
+
+def read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def save_npy(path: str, array) -> None:
+  """Saves a NumPy array atomically."""
+  _atomic(path, lambda f: np.save(f, np.asarray(array)), "wb")
+
+
+def append_jsonl(path: str, record: dict) -> None:
+  """Appends one JSON line (metrics logs; a torn last line is ignored by readers)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: str) -> list:
+  out = []
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        break  # a line torn by a kill: everything before it is intact
+  return out
