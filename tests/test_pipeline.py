@@ -1,0 +1,60 @@
+"""The entry point: stages, skipping finished ones, config overrides, config files."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import base
+from sigma_jax import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(workdir, *overrides, config="configs/demo.py"):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(
+      [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}",
+       *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_data_stage_from_the_command_line_then_skipped(tmp_path):
+  workdir = str(tmp_path / "w")
+  out = _train(workdir, "--config.stages=data", "--config.dataset.max_history=10")
+  assert out.returncode == 0, out.stderr[-3000:]
+  with open(os.path.join(workdir, "data", "stats.json")) as f:
+    stats = json.load(f)
+  assert (stats["num_users"], stats["num_items"], stats["num_interactions"]) == (300, 2450, 10664)
+  assert stats["splits"]["validation"]["interactions"] == 300
+  assert stats["splits"]["train"]["interactions"] == 10664 - 600
+  assert stats["protocol"]["max_history"] == 10  # the override reached the config
+  again = _train(workdir, "--config.stages=data")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "already done, skipped" in again.stderr
+
+
+def test_bad_override_and_unknown_stage_fail_clearly(tmp_path):
+  out = _train(str(tmp_path / "w"), "--config.stages=data,fly")
+  assert out.returncode != 0
+  assert "unknown or unavailable stage(s) ['fly']" in out.stderr
+  out = _train(str(tmp_path / "w"), "--config.collab.no_such_field=3")
+  assert out.returncode != 0
+  assert "no_such_field" in out.stderr
+
+
+@pytest.mark.parametrize("module", ["beauty", "scientific", "movielens", "demo"])
+def test_every_config_file_loads(module):
+  cfg = __import__(f"configs.{module}", fromlist=["get_config"]).get_config()
+  assert cfg.dataset.name == module
+  assert pipeline.parse_stages(cfg.stages)[0] == "data"
+  assert cfg.dataset.max_history == 20
+
+
+def test_stage_order_is_fixed():
+  assert pipeline.parse_stages("data") == ["data"]
+  with pytest.raises(ValueError, match="config.stages is empty"):
+    pipeline.parse_stages(" , ")
+  with pytest.raises(ValueError, match="unknown backbone size"):
+    base.backbone("huge")
