@@ -60,6 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.tfds_dir = ""  # where the TFDS array_record dataset goes; default WORKDIR/tfds
   c.dataset.max_history = 20
 
+  c.text = ml_collections.ConfigDict()
+  c.text.vocab_size = 4000  # SentencePiece pieces (incl. specials); SID tokens come on top
+  c.text.max_item_tokens = 48  # item text length for the grounding text tower
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices
   c.mesh.fsdp = 1
@@ -93,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
 def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config in place to a size for tests and quick CPU runs."""
   c.model = backbone("tiny")
+  c.text.vocab_size = 1000
   c.collab.d_model = 32
   c.collab.epochs = 3
   c.collab.batch_size = 64

@@ -68,7 +68,7 @@ def run(cfg, workdir: str) -> dict:
   return summaries
 
 
-_STAGE_MODULES = ("sigma_jax.data.stage", "sigma_jax.train.collab", "sigma_jax.train.ground",
+_STAGE_MODULES = ("sigma_jax.data.stage", "sigma_jax.data.text", "sigma_jax.train.collab", "sigma_jax.train.ground",
                   "sigma_jax.train.tokenize")
 
 

@@ -29,6 +29,10 @@ def write_json(path: str, obj) -> None:
   _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"), "w")
 
 
+def write_bytes(path: str, data: bytes) -> None:
+  _atomic(path, lambda f: f.write(data), "wb")
+
+
 def read_json(path: str):
   with open(path) as f:
     return json.load(f)
