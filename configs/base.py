@@ -52,6 +52,7 @@ def backbone(size: str) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.progress = True  # progress bars on long loops
   c.stages = ALL_STAGES  # comma-separated, run in this order
 
   c.dataset = ml_collections.ConfigDict()
@@ -85,6 +86,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.collab.eval_every = 1
   c.collab.patience = 10  # epochs without validation gain before stopping
 
+  c.ground = ml_collections.ConfigDict()
+  c.ground.views = "collaborative,semantic,knowledge"  # knowledge needs timestamps
+  c.ground.window = 3  # collaborative view: items within this many steps in a sequence
+  c.ground.holiday_days = 14  # knowledge view: the days before a holiday that form its window
+  c.ground.out_dim = 64  # E, the grounded embedding size
+  c.ground.tau = 0.07
+  c.ground.kd_weight = 0.01  # λ_KD; L_KD is a sum over the 2B anchors (DESIGN §1.1)
+  c.ground.batch_pairs = 64  # B pairs = 2B items per step
+  c.ground.steps = 2000
+  c.ground.learning_rate = 1e-3
+  c.ground.warmup_steps = 100
+  c.ground.weight_decay = 0.01
+  c.ground.log_every = 50
+  c.ground.eval_every = 250
+  c.ground.ckpt_every = 250
+  c.ground.encode_batch = 512
+
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "rqkmeans"  # rqkmeans | rqvae
   c.tokenizer.levels = 3
@@ -102,4 +120,10 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.collab.epochs = 3
   c.collab.batch_size = 64
   c.tokenizer.codebook_size = 16
+  c.ground.steps = 200
+  c.ground.batch_pairs = 32
+  c.ground.eval_every = 50
+  c.ground.ckpt_every = 50
+  c.ground.log_every = 25
+  c.ground.encode_batch = 256
   return c

@@ -61,3 +61,10 @@ def read_jsonl(path: str) -> list:
       except json.JSONDecodeError:
         break  # a line torn by a kill: everything before it is intact
   return out
+
+
+def truncate_jsonl(path: str, keep) -> None:
+  """Rewrites a JSON-lines log atomically, keeping the records for which ``keep(record)``."""
+  if os.path.exists(path):
+    kept = [r for r in read_jsonl(path) if keep(r)]
+    write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
