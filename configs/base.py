@@ -109,6 +109,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.codebook_size = 256
   c.tokenizer.prefix_len = 1
   c.tokenizer.dedup = True
+  c.tokenizer.source = "grounded"  # grounded | raw (the no-grounding ablation)
+  c.tokenizer.kmeans_iters = 50
+  c.tokenizer.kmeans_init = "kmeans++"
+  c.tokenizer.rqvae = ml_collections.ConfigDict(dict(
+      hidden_dims=(256, 128), latent_dim=32, epochs=100, batch_size=256, learning_rate=1e-3,
+      beta=0.25, codebook_init="kmeans", init_scale=1.0, dead_code_threshold=1, reset_every=1))
   return c
 
 

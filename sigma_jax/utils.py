@@ -8,7 +8,7 @@ import tempfile
 import numpy as np
 
 
-def _atomic(path: str, write, mode: str):
+def atomic_write(path: str, write, mode: str):
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                              prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -26,11 +26,11 @@ def _atomic(path: str, write, mode: str):
 
 def write_json(path: str, obj) -> None:
   """Writes JSON atomically (temp file, then rename)."""
-  _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"), "w")
+  atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n"), "w")
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  _atomic(path, lambda f: f.write(data), "wb")
+  atomic_write(path, lambda f: f.write(data), "wb")
 
 
 def read_json(path: str):
@@ -40,7 +40,7 @@ def read_json(path: str):
 
 def save_npy(path: str, array) -> None:
   """Saves a NumPy array atomically."""
-  _atomic(path, lambda f: np.save(f, np.asarray(array)), "wb")
+  atomic_write(path, lambda f: np.save(f, np.asarray(array)), "wb")
 
 
 def append_jsonl(path: str, record: dict) -> None:
