@@ -1,0 +1,65 @@
+"""ProjFuse (DESIGN §1.2): the unique item embedding `v̂_i = normalize(MLP([v_ID_i ; v_text_i ; …]))`.
+
+A trainable MLP over frozen per-item features. `v̂` is the item's retrieval key (the `<q>`
+hidden state is scored against it) and, scaled, the vector injected at the item's placeholder
+position in a prompt. It is not a vocabulary entry, so the catalogue can grow without touching
+the output softmax.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sigma_jax.models import grounding
+
+
+def _param(init, names, key, shape):
+  return nnx.Param(nnx.with_partitioning(init, names, eager_sharding=False)(key, shape,
+                                                                            jnp.float32))
+
+
+class ProjFuse(nnx.Module):
+  """Parameters: `w1` [F, H] (None, mlp), `b1` [H] (mlp), `w2` [H, D] (mlp, embed), `b2` [D]
+  (embed), `inject_scale` [] — the norm of an injected vector, started at the typical norm of a
+  token embedding so injected and token inputs enter the residual stream at the same scale."""
+
+  def __init__(self, in_dim: int, hidden: int, d_model: int, *, rngs: nnx.Rngs,
+               token_init_std: float = 0.02):
+    lecun = nnx.initializers.lecun_normal()
+    zeros = nnx.initializers.zeros_init()
+    self.w1 = _param(lecun, (None, "mlp"), rngs.params(), (in_dim, hidden))
+    self.b1 = _param(zeros, ("mlp",), rngs.params(), (hidden,))
+    self.w2 = _param(lecun, ("mlp", "embed"), rngs.params(), (hidden, d_model))
+    self.b2 = _param(zeros, ("embed",), rngs.params(), (d_model,))
+    self.inject_scale = nnx.Param(jnp.asarray(token_init_std * np.sqrt(d_model), jnp.float32))
+
+  def __call__(self, feats: jax.Array) -> jax.Array:
+    """Args: feats [..., F] frozen item features. Returns: v̂ [..., D], unit norm."""
+    h = jax.nn.silu(feats @ self.w1[...] + self.b1[...])
+    return grounding.l2_normalize(h @ self.w2[...] + self.b2[...])
+
+  def inject(self, v_hat: jax.Array) -> jax.Array:
+    """The vector written into the prompt at an item placeholder: [..., D]."""
+    return v_hat * self.inject_scale[...]
+
+
+def item_features(workdir: str, extra: str = "") -> np.ndarray:
+  """[N, F] frozen features: unit `v_ID` (collab), unit grounded text embedding, and any extra
+  modality matrices named in ``extra`` (comma-separated .npy paths, each [N, d])."""
+  paths = [os.path.join(workdir, "collab", "item_emb.npy"),
+           os.path.join(workdir, "ground", "item_text_emb.npy")]
+  paths += [p.strip() for p in extra.split(",") if p.strip()]
+  mats = []
+  for p in paths:
+    if not os.path.exists(p):
+      raise FileNotFoundError(f"ProjFuse feature matrix {p} is missing")
+    m = np.load(p).astype(np.float32)
+    if m.ndim != 2 or (mats and len(m) != len(mats[0])):
+      raise ValueError(f"{p} has shape {m.shape}; every feature matrix must be [N, d] with the "
+                       f"same N ({len(mats[0]) if mats else '?'})")
+    mats.append(m / (np.linalg.norm(m, axis=1, keepdims=True) + 1e-8))
+  return np.concatenate(mats, axis=1)
