@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.ground.tau = 0.07
   c.ground.kd_weight = 0.01  # λ_KD; L_KD is a sum over the 2B anchors (DESIGN §1.1)
   c.ground.batch_pairs = 64  # B pairs = 2B items per step
+  c.sft.batch_size = 32
+  c.sft.ckpt_every = 50
+  c.sft.projfuse_hidden = 64
   c.ground.steps = 2000
   c.ground.learning_rate = 1e-3
   c.ground.warmup_steps = 100
@@ -102,6 +105,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.ground.eval_every = 250
   c.ground.ckpt_every = 250
   c.ground.encode_batch = 512
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.max_len = 128  # prompt tokens; gr_sid (full SIDs in the history) needs more
+  c.sft.batch_size = 64
+  c.sft.epochs = 1.0  # over all tasks' training examples; ignored when sft.steps > 0
+  c.sft.steps = 0
+  c.sft.learning_rate = 1e-3
+  c.sft.warmup_steps = 100
+  c.sft.weight_decay = 0.01
+  c.sft.mu = 1.0  # μ, weight of L_ID
+  c.sft.tau = 0.07  # InfoNCE temperature of L_ID
+  c.sft.hard_negatives = 4  # per query, from the target's prefix bucket
+  c.sft.projfuse_hidden = 256
+  c.sft.every_position = True  # JustForYou: loss at every history position in one pass
+  c.sft.extra_features = ""  # comma-separated .npy [N, d] matrices for ProjFuse
+  c.sft.log_every = 25
+  c.sft.ckpt_every = 200
+
+  c.generation = ml_collections.ConfigDict()
+  c.generation.mode = "sigma"  # sigma | gr_sid | gr_id
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "rqkmeans"  # rqkmeans | rqvae
@@ -126,6 +149,9 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.collab.epochs = 3
   c.collab.batch_size = 64
   c.tokenizer.codebook_size = 16
+  c.sft.batch_size = 32
+  c.sft.ckpt_every = 50
+  c.sft.projfuse_hidden = 64
   c.ground.steps = 200
   c.ground.batch_pairs = 32
   c.ground.eval_every = 50

@@ -1,0 +1,179 @@
+"""Instruction prompts as fixed-length arrays (DESIGN §1.3).
+
+One example is laid out as
+
+  <|start|> {profile} {history verb} a(h_1) <q> <item> a(h_2) <q> <item> … {instruction}
+  <|end|> <|start|> a(target) <q>
+
+where ``a(i)`` is item i's SID prefix (ℓ tokens; the full SID in `gr_sid` mode, nothing in
+`gr_id` mode), ``<item>`` is the placeholder whose input embedding is replaced by the item's
+ProjFuse vector, and the hidden state at a ``<q>`` is the query that retrieves the item right
+after it. History items carry their own ``<q>``: with ``every_position`` (JustForYou training)
+each history item after the first is a target too — next-token loss on its prefix and retrieval
+loss at its ``<q>`` — the causal equivalent of one example per prefix of the history, in one
+pass. Evaluation prompts stop right after ``<|end|> <|start|>``: the generator continues them.
+
+Arrays of one example, all [T] (right-padded):
+  tokens        int32 token ids (PAD = 0 after the end);
+  inject_items  int32 item index at <item> positions, -1 elsewhere;
+  ntp_targets   int32 the next token where a prefix token is to be predicted, else 0;
+  ntp_weights   float32 1 where ntp_targets counts;
+  q_items       int32 the item to retrieve from the hidden state at this <q>, else -1;
+  attn_mask     bool real tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from sigma_jax.data import text
+from sigma_jax.data.splits import PAD_ITEM
+
+HISTORY_VERB = "The user has interacted with the following items in order:"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+  """What the prompt builder needs from the tokenizers.
+
+  Attributes:
+    item_tokens: [N, ℓ'] token ids written for each item (its SID prefix; ℓ' may be 0).
+    max_len: T.
+  """
+  tok: text.TextTokenizer
+  item_tokens: np.ndarray
+  max_len: int
+
+  @property
+  def prefix_len(self) -> int:
+    return self.item_tokens.shape[1]
+
+
+def item_token_table(tok: text.TextTokenizer, sids: np.ndarray, prefix_len: int) -> np.ndarray:
+  """[N, ℓ] token ids of each item's SID prefix (levels 0..ℓ-1)."""
+  cols = [tok.sid_token(level, sids[:, level]) for level in range(prefix_len)]
+  return (np.stack(cols, axis=1) if cols else np.zeros((len(sids), 0))).astype(np.int32)
+
+
+def _empty(t: int) -> dict:
+  return {"tokens": np.zeros(t, np.int32), "inject_items": np.full(t, -1, np.int32),
+          "ntp_targets": np.zeros(t, np.int32), "ntp_weights": np.zeros(t, np.float32),
+          "q_items": np.full(t, -1, np.int32), "attn_mask": np.zeros(t, bool)}
+
+
+class _Writer:
+  def __init__(self, t: int):
+    self.a, self.n, self.t = _empty(t), 0, t
+
+  def put(self, token: int, inject: int = -1, q_item: int = -1):
+    if self.n >= self.t:
+      raise OverflowError
+    self.a["tokens"][self.n] = token
+    self.a["inject_items"][self.n] = inject
+    self.a["q_items"][self.n] = q_item
+    self.a["attn_mask"][self.n] = True
+    self.n += 1
+
+  def predict_next(self, token: int):
+    """The token about to be written is a prediction target of the position before it."""
+    self.a["ntp_targets"][self.n - 1] = token
+    self.a["ntp_weights"][self.n - 1] = 1.0
+
+  def item(self, spec: PromptSpec, item: int, is_target: bool, special: dict):
+    for tk in spec.item_tokens[item]:
+      if is_target:
+        self.predict_next(int(tk))
+      self.put(int(tk))
+    self.put(special[text.QUERY], q_item=item if is_target else -1)
+
+
+def build_prompt(spec: PromptSpec, history: np.ndarray, instruction_ids: list[int],
+                 target: int | None, every_position: bool = False,
+                 profile_ids: list[int] | None = None, verb_ids: list[int] | None = None
+                 ) -> dict:
+  """One example's arrays (see the module docstring).
+
+  Args:
+    history: [H] item indices, PAD_ITEM-padded on the left (or unpadded).
+    instruction_ids: token ids of the instruction text.
+    target: the target item; None builds an evaluation prompt ending at `<|end|> <|start|>`.
+    every_position: also train on every history item after the first.
+    profile_ids, verb_ids: token ids of the profile text and of the history verb.
+
+  Raises:
+    ValueError: an empty history, or a prompt longer than spec.max_len.
+  """
+  hist = [int(h) for h in np.asarray(history) if h != PAD_ITEM]
+  if not hist:
+    raise ValueError("empty history: a prompt needs at least one item")
+  sp = spec.tok.special
+  w = _Writer(spec.max_len)
+  try:
+    w.put(sp[text.START])
+    for tk in (profile_ids or []) + (verb_ids or []):
+      w.put(tk)
+    for j, h in enumerate(hist):
+      w.item(spec, h, is_target=every_position and j > 0, special=sp)
+      w.put(sp[text.ITEM], inject=h)
+    for tk in instruction_ids:
+      w.put(tk)
+    w.put(sp[text.END])
+    w.put(sp[text.START])
+    if target is not None:
+      w.item(spec, int(target), is_target=True, special=sp)
+  except OverflowError:
+    raise ValueError(f"prompt of {len(hist)} history items and {len(instruction_ids)} "
+                     f"instruction tokens does not fit in max_len={spec.max_len}; raise "
+                     "sft.max_len or lower dataset.max_history") from None
+  return w.a
+
+
+def stack(examples: list[dict]) -> dict:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def prompt_length(spec: PromptSpec, history_len: int, instruction_len: int,
+                  verb_len: int, with_target: bool = True) -> int:
+  """Tokens used by a prompt (to size max_len)."""
+  per_item = spec.prefix_len + 2
+  return (1 + verb_len + history_len * per_item + instruction_len + 2 +
+          (spec.prefix_len + 1 if with_target else 0))
+
+
+def compact(batch: dict, max_ntp: int, max_q: int, num_hard: int, prefix_ids: np.ndarray,
+            bucket_table: np.ndarray, bucket_sizes: np.ndarray,
+            rng: np.random.Generator) -> dict:
+  """Stacked prompt arrays [B, T] -> the loss's compact index form.
+
+  Adds ntp_pos/ntp_tgt/ntp_w [B, max_ntp], q_pos/q_item [B, max_q] and hard [B, max_q,
+  num_hard]: items drawn from the bucket of the query item's prefix (the hard negatives of
+  L_ID), -1 where the bucket has no other item. Drops the [B, T] per-position target arrays.
+  """
+  b = len(batch["tokens"])
+  out = {k: batch[k] for k in ("tokens", "inject_items", "attn_mask")}
+  ntp_pos = np.zeros((b, max_ntp), np.int32)
+  ntp_tgt = np.zeros((b, max_ntp), np.int32)
+  ntp_w = np.zeros((b, max_ntp), np.float32)
+  q_pos = np.zeros((b, max_q), np.int32)
+  q_item = np.full((b, max_q), -1, np.int32)
+  for r in range(b):
+    pos = np.flatnonzero(batch["ntp_weights"][r])[-max_ntp:]  # the newest targets if too many
+    ntp_pos[r, :len(pos)] = pos
+    ntp_tgt[r, :len(pos)] = batch["ntp_targets"][r, pos]
+    ntp_w[r, :len(pos)] = 1.0
+    qp = np.flatnonzero(batch["q_items"][r] >= 0)[-max_q:]
+    q_pos[r, :len(qp)] = qp
+    q_item[r, :len(qp)] = batch["q_items"][r, qp]
+  hard = np.full((b, max_q, num_hard), -1, np.int32)
+  if num_hard:
+    valid = q_item >= 0
+    bucket = prefix_ids[np.maximum(q_item, 0)]  # [B, Q]
+    size = bucket_sizes[bucket]  # [B, Q]
+    pick = (rng.random((b, max_q, num_hard)) * size[..., None]).astype(np.int64)
+    cand = bucket_table[bucket[..., None], pick]  # [B, Q, M]
+    hard = np.where(valid[..., None] & (size[..., None] > 1) & (cand != q_item[..., None]),
+                    cand, -1).astype(np.int32)
+  out.update(ntp_pos=ntp_pos, ntp_tgt=ntp_tgt, ntp_w=ntp_w, q_pos=q_pos, q_item=q_item,
+             hard=hard)
+  return out
