@@ -4,6 +4,8 @@ Every field can be overridden on the command line as ``--config.section.field=va
 """
 import ml_collections
 
+from sigma_jax.data import tasks
+
 ALL_STAGES = "data"  # grows as stages land: collab, ground, tokenize, ...
 
 
@@ -94,9 +96,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.ground.tau = 0.07
   c.ground.kd_weight = 0.01  # λ_KD; L_KD is a sum over the 2B anchors (DESIGN §1.1)
   c.ground.batch_pairs = 64  # B pairs = 2B items per step
-  c.sft.batch_size = 32
-  c.sft.ckpt_every = 50
-  c.sft.projfuse_hidden = 64
   c.ground.steps = 2000
   c.ground.learning_rate = 1e-3
   c.ground.warmup_steps = 100
@@ -105,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.ground.eval_every = 250
   c.ground.ckpt_every = 250
   c.ground.encode_batch = 512
+
+  # Task thresholds, defined once (sigma_jax/data/tasks.py documents each).
+  c.tasks = ml_collections.ConfigDict(tasks.TASK_DEFAULTS)
 
   c.sft = ml_collections.ConfigDict()
   c.sft.max_len = 128  # prompt tokens; gr_sid (full SIDs in the history) needs more

@@ -2,14 +2,14 @@
 import numpy as np
 import pytest
 
-from sigma_jax.data import raw, text
+from sigma_jax.data import raw, tasks, text
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
   data = raw.parse("demo")
   path = str(tmp_path_factory.mktemp("spm") / "spm.model")
-  text.train_spm([it.text for it in data.items] + list(text.TEMPLATE_TEXTS), 800, path)
+  text.train_spm([it.text for it in data.items] + tasks.all_template_texts(), 800, path)
   return text.TextTokenizer(path, levels=3, codebook_size=16, dedup_size=5), data, path
 
 
@@ -51,7 +51,7 @@ def test_encode_batch_pads_right(tok):
 
 def test_training_is_deterministic(tok, tmp_path):
   _, data, path = tok
-  again = text.train_spm([it.text for it in data.items] + list(text.TEMPLATE_TEXTS), 800,
+  again = text.train_spm([it.text for it in data.items] + tasks.all_template_texts(), 800,
                          str(tmp_path / "again.model"))
   with open(path, "rb") as a, open(again, "rb") as b:
     assert a.read() == b.read()

@@ -24,21 +24,6 @@ PAD, UNK = 0, 1
 START, END, QUERY, ITEM = "<|start|>", "<|end|>", "<q>", "<item>"
 SPECIALS = (START, END, QUERY, ITEM)
 
-# Phrasings the instruction tasks use; trained into the vocabulary with the item texts.
-TEMPLATE_TEXTS = (
-    "The user has interacted with the following items in order:",
-    "Recommend the next item for this user.",
-    "What will the user want next?",
-    "Find an item matching the search query:",
-    "Recommend an item from the category:",
-    "Recommend something less popular that the user may still like.",
-    "Recommend something new, from a category the user has not tried.",
-    "Recommend an item for the season: spring summer autumn winter.",
-    "Recommend an item for the holiday: Christmas, New Year, Valentine's Day, Halloween, "
-    "Thanksgiving, Independence Day.",
-)
-
-
 def _sid_name(level: int, code: int) -> str:
   return f"<a{level}_{code}>"
 
@@ -133,7 +118,10 @@ def model_path(workdir: str) -> str:
 def run_text_tokenizer(cfg, workdir: str) -> dict:
   from sigma_jax.data import loader
   ds = loader.load_dataset(cfg, workdir)
-  texts = [it.text for it in ds.raw.items] + list(TEMPLATE_TEXTS)
+  from sigma_jax.data import prompts, tasks
+  # Item texts plus every instruction phrasing, so instructions are in-vocabulary words.
+  texts = ([it.text for it in ds.raw.items] + tasks.all_template_texts() +
+           [prompts.HISTORY_VERB])
   path = model_path(workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   train_spm(texts, int(cfg.text.vocab_size), path)
