@@ -69,7 +69,7 @@ def run(cfg, workdir: str) -> dict:
 
 
 _STAGE_MODULES = ("sigma_jax.data.stage", "sigma_jax.data.text", "sigma_jax.train.collab", "sigma_jax.train.ground",
-                  "sigma_jax.train.tokenize")
+                  "sigma_jax.train.tokenize", "sigma_jax.train.sft")
 
 
 def _register_all():

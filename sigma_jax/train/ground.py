@@ -21,6 +21,7 @@ from tqdm import tqdm
 from sigma_jax import checkpoint, parallel, pipeline, utils
 from sigma_jax.data import loader, pairs, text
 from sigma_jax.models import grounding
+from sigma_jax.train import optim
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -81,10 +82,7 @@ def run_ground(cfg, workdir: str) -> dict:
   graphdef, params = parallel.init_sharded(
       lambda: grounding.TextTower(model_cfg, int(g.out_dim), rngs=nnx.Rngs(seed)), mesh, rules)
   param_sh = parallel.state_shardings(params, mesh, rules)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, float(g.learning_rate), int(g.warmup_steps),
-                                                int(g.steps), float(g.learning_rate) * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(schedule, weight_decay=float(g.weight_decay)))
+  tx, _ = optim.make_optimizer(g.learning_rate, g.warmup_steps, g.steps, g.weight_decay)
   repl = parallel.replicated(mesh)
   state_sh = {"params": param_sh,
               "opt": parallel.optimizer_shardings(tx, params, param_sh, mesh),
@@ -101,7 +99,8 @@ def run_ground(cfg, workdir: str) -> dict:
                                     float(g.tau), float(g.kd_weight))
 
   def train_step(st, batch):
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch)
+    with parallel.activation_sharding(mesh, rules):
+      (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch)
     updates, opt = tx.update(grads, st["opt"], st["params"])
     metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
     return dict(st, params=optax.apply_updates(st["params"], updates), opt=opt,

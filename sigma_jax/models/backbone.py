@@ -1,0 +1,410 @@
+"""Qwen3-style decoder backbone in Flax NNX (DESIGN §1.3).
+
+RMSNorm, rotary position embeddings, grouped-query attention with optional per-head QK-norm,
+SwiGLU MLP, tied or separate output layer. Every parameter carries logical axis names (see
+`configs/base.py:axis_rules`); `sigma_jax.parallel` maps them to the mesh.
+
+Functional use (DESIGN/STYLE: the module is split once and merged inside jitted functions):
+
+  graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+  hidden = apply(graphdef, params, tokens, attn_mask=mask)             # [B, T, D]
+  logits = apply(graphdef, params, hidden, method='logits')            # [B, T, V]
+
+Inputs that may be left- or right-padded take `attn_mask` [B, T] (True = real token): padded
+positions are never attended to, and by default real tokens get RoPE positions 0, 1, ... counted
+over real tokens only, so a padded prompt gives the same hidden states as the unpadded one.
+
+KV cache (`KVCache`, fixed shapes, batch leading on every array so a beam search can reorder rows
+with `jax.tree.map(lambda x: x[rows], cache)`):
+  * `k[l]`, `v[l]` [B, S, KV, Dh] per layer, S = cache length;
+  * `valid` [B, S] bool, which slots hold a real (non-padding) token;
+  * `index` [B] int32, the next slot to write;
+  * `pos` [B] int32, the RoPE position of the next real token.
+A call with a cache writes its T tokens to slots index .. index+T-1 of every row (padding too,
+marked invalid) and attends to valid slots up to the query's own slot. Prefill is such a call on
+an empty cache; one-step decode is a call with T = 1. Slots are never compacted: padding in a
+right-padded prompt costs cache slots but is masked out. Writes beyond S are dropped silently
+(no error inside jit), so size S >= prompt length + decode steps. `KVCache.shardings` gives its
+jit shardings (k/v: batch, length, kv_heads, kv).
+
+Activations are constrained by logical names through `parallel.constrain` (residual stream
+[B, T, D]: batch, length, embed; logits: batch, length, vocab); the constraints are no-ops unless
+the caller traces inside `parallel.activation_sharding(mesh, rules)`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sigma_jax import parallel
+
+# Finite, so a fully masked row gives a uniform softmax instead of NaN.
+NEG_INF = -1e30
+# Logical axes of the residual stream [B, T, D].
+ACT = ("batch", "length", "embed")
+
+
+def _param(init, names: tuple[str | None, ...], key, shape: tuple[int, ...]) -> nnx.Param:
+  # Eager sharding off: the module builds anywhere (tests, CPU, inside eval_shape); placement
+  # is done by parallel.init_sharded via jit out_shardings.
+  return nnx.Param(
+      nnx.with_partitioning(init, names, eager_sharding=False)(key, shape, jnp.float32))
+
+
+def _fan_in(in_axis, out_axis):
+  return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
+                                           out_axis=out_axis)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm over the last axis, computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float):
+    self.scale = _param(nnx.initializers.ones, ("norm",), None, (dim,))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x [..., dim]. Returns: [..., dim] in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, split-halves convention (as Qwen/Llama).
+
+  Args:
+    x: [B, T, N, Dh] queries or keys, Dh even.
+    positions: [B, T] int positions.
+    theta: base wavelength.
+
+  Returns:
+    [B, T, N, Dh] in x's dtype.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention: `num_heads` query heads share `num_kv_heads` key/value heads."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, h, kv, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if h % kv:
+      raise ValueError(f"num_heads={h} must be a multiple of num_kv_heads={kv}")
+    if dh % 2:
+      raise ValueError(f"head_dim={dh} must be even for RoPE")
+    self.num_heads, self.num_kv_heads, self.head_dim = h, kv, dh
+    self.rope_theta = float(cfg.rope_theta)
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.q_proj = _param(_fan_in(0, (1, 2)), ("embed", "heads", "kv"), rngs.params(), (d, h, dh))
+    self.k_proj = _param(_fan_in(0, (1, 2)), ("embed", "kv_heads", "kv"), rngs.params(),
+                         (d, kv, dh))
+    self.v_proj = _param(_fan_in(0, (1, 2)), ("embed", "kv_heads", "kv"), rngs.params(),
+                         (d, kv, dh))
+    self.o_proj = _param(_fan_in((0, 1), 2), ("heads", "kv", "embed"), rngs.params(), (h, dh, d))
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(dh, eps=cfg.norm_eps)
+      self.k_norm = RMSNorm(dh, eps=cfg.norm_eps)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x, positions, mask, kv_cache=None, write=None):
+    """Attention of T new tokens over themselves or over a cache.
+
+    Args:
+      x: [B, T, D] normalised inputs.
+      positions: [B, T] RoPE positions.
+      mask: [B, T, S] bool, which keys each query may see (S = T without a cache).
+      kv_cache: None, or (k [B, S, KV, Dh], v [B, S, KV, Dh]).
+      write: with a cache, (src [B, S] int index into T, written [B, S] bool): slot s of row b
+        takes the new key/value of token src[b, s] where written[b, s].
+
+    Returns:
+      (out [B, T, D], (k, v) updated cache or None).
+    """
+    dt = self.dtype
+    b, t, _ = x.shape
+    x = x.astype(dt)
+    q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))  # [B, T, H, Dh]
+    k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))  # [B, T, KV, Dh]
+    v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))  # [B, T, KV, Dh]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = rope(q, positions, self.rope_theta)
+    k = rope(k, positions, self.rope_theta)
+
+    new_cache = None
+    if kv_cache is not None:
+      src, written = write
+      # A gather, not a one-hot matmul: exact at any matmul precision.
+      idx = src[:, :, None, None]  # [B, S, 1, 1]
+      k = jnp.where(written[:, :, None, None], jnp.take_along_axis(k, idx, axis=1),
+                    kv_cache[0].astype(dt))  # [B, S, KV, Dh]
+      v = jnp.where(written[:, :, None, None], jnp.take_along_axis(v, idx, axis=1),
+                    kv_cache[1].astype(dt))  # [B, S, KV, Dh]
+      new_cache = (k, v)
+
+    groups = self.num_heads // self.num_kv_heads
+    q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)  # [B, T, KV, G, Dh]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                        preferred_element_type=jnp.float32) * self.head_dim ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)  # [B, KV, G, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads, self.head_dim)
+    out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))  # [B, T, D]
+    return out, new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(x @ gate) * (x @ up))."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.mlp_dim
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.gate = _param(_fan_in(0, 1), ("embed", "mlp"), rngs.params(), (d, f))
+    self.up = _param(_fan_in(0, 1), ("embed", "mlp"), rngs.params(), (d, f))
+    self.down = _param(_fan_in(0, 1), ("mlp", "embed"), rngs.params(), (f, d))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Args: x [B, T, D]. Returns: [B, T, D]."""
+    dt = self.dtype
+    x = x.astype(dt)
+    h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))  # [B, T, F]
+    return h @ self.down[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, mask, kv_cache=None, write=None):
+    h, kv_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, write)
+    x = parallel.constrain(x + h, ACT)
+    x = parallel.constrain(x + self.mlp(self.mlp_norm(x)), ACT)
+    return x, kv_cache
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Fixed-shape decoding cache; batch is the leading axis of every field.
+
+  Attributes:
+    k: per layer, [B, S, KV, Dh] keys (after QK-norm and RoPE).
+    v: per layer, [B, S, KV, Dh] values.
+    valid: [B, S] bool, slot holds a real token.
+    index: [B] int32, next slot to write.
+    pos: [B] int32, RoPE position of the next real token.
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  valid: jax.Array
+  index: jax.Array
+  pos: jax.Array
+
+  def logical_axes(self) -> dict[str, tuple[str, ...]]:
+    """Logical axis names per field kind ('kv' for k and v, and the other fields)."""
+    return {"kv": ("batch", "length", "kv_heads", "kv"), "valid": ("batch", "length"),
+            "index": ("batch",), "pos": ("batch",)}
+
+  def shardings(self, mesh, rules) -> "KVCache":
+    """A KVCache of NamedShardings on `mesh` under `rules` (for jit in/out_shardings)."""
+    names = self.logical_axes()
+    kv = parallel.logical_sharding(mesh, names["kv"], rules)
+    return KVCache(k=tuple(kv for _ in self.k), v=tuple(kv for _ in self.v),
+                   valid=parallel.logical_sharding(mesh, names["valid"], rules),
+                   index=parallel.logical_sharding(mesh, names["index"], rules),
+                   pos=parallel.logical_sharding(mesh, names["pos"], rules))
+
+
+def init_cache(cfg, batch: int, max_len: int | None = None) -> KVCache:
+  """An empty cache.
+
+  Args:
+    cfg: the model config (or a Decoder): num_layers, num_kv_heads, head_dim, max_len, dtype.
+    batch: rows B.
+    max_len: slots S; default cfg.max_len.
+
+  Returns:
+    A `KVCache` with no valid slot, index 0 and position 0 in every row.
+  """
+  s = int(cfg.max_len if max_len is None else max_len)
+  shape = (batch, s, cfg.num_kv_heads, cfg.head_dim)
+  dt = jnp.dtype(cfg.dtype)
+  return KVCache(k=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+                 v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
+                 valid=jnp.zeros((batch, s), bool),
+                 index=jnp.zeros((batch,), jnp.int32),
+                 pos=jnp.zeros((batch,), jnp.int32))
+
+
+class Decoder(nnx.Module):
+  """Qwen3-style decoder-only transformer.
+
+  Parameters (logical axes): `embedding` [V, D] (vocab, embed); per layer `attn_norm`,
+  `mlp_norm` scale [D] (norm); `attn.q_proj` [D, H, Dh] (embed, heads, kv); `attn.k_proj`,
+  `attn.v_proj` [D, KV, Dh] (embed, kv_heads, kv); `attn.o_proj` [H, Dh, D] (heads, kv, embed);
+  `attn.q_norm`, `attn.k_norm` scale [Dh] (norm) when cfg.qk_norm; `mlp.gate`, `mlp.up` [D, F]
+  (embed, mlp); `mlp.down` [F, D] (mlp, embed); `final_norm` scale [D] (norm); `lm_head`
+  [D, V] (embed, vocab) when not cfg.tie_embeddings. Parameters are float32; activations use
+  cfg.dtype; norms, softmax and logits are float32.
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    # Plain static fields, not the ConfigDict: a graphdef must be hashable.
+    self.num_layers, self.num_kv_heads = int(cfg.num_layers), int(cfg.num_kv_heads)
+    self.head_dim, self.max_len = int(cfg.head_dim), int(cfg.max_len)
+    self.dtype = jnp.dtype(cfg.dtype)
+    self.embedding = _param(nnx.initializers.normal(0.02), ("vocab", "embed"), rngs.params(),
+                            (cfg.vocab_size, cfg.d_model))
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    if cfg.tie_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = _param(_fan_in(0, 1), ("embed", "vocab"), rngs.params(),
+                            (cfg.d_model, cfg.vocab_size))
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """Token embeddings. Args: tokens [B, T] int. Returns: [B, T, D] in cfg.dtype."""
+    # Gathering from an fsdp-sharded table into batch-sharded rows makes XLA replicate it
+    # anyway (with a warning); all-gather the embed axis explicitly first.
+    table = parallel.constrain(self.embedding[...], ("vocab", None))  # [V, D]
+    return jnp.take(table, tokens, axis=0).astype(self.dtype)
+
+  def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+    """See `init_cache`."""
+    return init_cache(self, batch, max_len)
+
+  def __call__(self, tokens: jax.Array, *, inject: jax.Array | None = None,
+               inject_mask: jax.Array | None = None, positions: jax.Array | None = None,
+               attn_mask: jax.Array | None = None, cache: KVCache | None = None,
+               decode: bool = False):
+    """Runs the decoder.
+
+    Args:
+      tokens: [B, T] int32 token ids.
+      inject: [B, T, D] float vectors that replace the token embedding where `inject_mask`.
+      inject_mask: [B, T] bool, required with `inject`.
+      positions: [B, T] int RoPE positions; default counts real tokens (0-based), continuing
+        from `cache.pos` when a cache is given.
+      attn_mask: [B, T] bool, False marks padding (never attended to); default all True.
+      cache: a `KVCache`; the T tokens are appended at each row's `cache.index`.
+      decode: one-step decoding; requires a cache and T == 1 (same computation as a cached call).
+
+    Returns:
+      hidden [B, T, D] after the final norm; with a cache, (hidden, updated cache).
+    """
+    b, t = tokens.shape
+    if decode and (cache is None or t != 1):
+      raise ValueError(f"decode=True needs a cache and one token per row; got T={t}, "
+                       f"cache={'set' if cache is not None else None}")
+    x = self.embed(tokens)  # [B, T, D]
+    if inject is not None:
+      if inject_mask is None:
+        raise ValueError("inject needs inject_mask")
+      x = jnp.where(inject_mask[..., None], inject.astype(self.dtype), x)
+    x = parallel.constrain(x, ACT)
+    mask = jnp.ones((b, t), bool) if attn_mask is None else attn_mask.astype(bool)
+    # Positions count real tokens only, so a padded row sees the RoPE phases of its unpadded self.
+    rank = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)  # [B, T]
+
+    if cache is None:
+      if positions is None:
+        positions = rank
+      causal = jnp.tril(jnp.ones((t, t), bool))
+      attend = causal[None] & mask[:, None, :]  # [B, T, T]
+      for layer in self.layers:
+        x, _ = layer(x, positions, attend)
+      return self.final_norm(x)
+
+    s = cache.valid.shape[1]
+    if positions is None:
+      positions = cache.pos[:, None] + rank
+    slots = jnp.arange(s)[None, :]  # [1, S]
+    offset = slots - cache.index[:, None]  # [B, S], token index that writes each slot
+    written = (offset >= 0) & (offset < t)  # [B, S]
+    src = jnp.clip(offset, 0, t - 1)  # [B, S]
+    valid = jnp.where(written, jnp.take_along_axis(mask, src, axis=1), cache.valid)  # [B, S]
+    query_slot = cache.index[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    attend = valid[:, None, :] & (slots[:, None, :] <= query_slot[:, :, None])  # [B, T, S]
+    ks, vs = [], []
+    for i, layer in enumerate(self.layers):
+      x, (k, v) = layer(x, positions, attend, (cache.k[i], cache.v[i]), (src, written))
+      ks.append(k)
+      vs.append(v)
+    new_cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid,
+                        index=cache.index + t,
+                        pos=cache.pos + jnp.sum(mask, axis=1, dtype=jnp.int32))
+    return self.final_norm(x), new_cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Output layer. Args: hidden [B, T, D]. Returns: float32 logits [B, T, V]."""
+    h = hidden.astype(self.dtype)
+    if self.lm_head is None:
+      w = self.embedding[...].astype(self.dtype)
+      out = jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+    else:
+      w = self.lm_head[...].astype(self.dtype)
+      out = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+    return parallel.constrain(out, ("batch", "length", "vocab"))
+
+
+def apply(graphdef: nnx.GraphDef, params: nnx.State, *args, method: str = "__call__",
+          **kwargs) -> Any:
+  """Pure call of a split Decoder: merges `(graphdef, params)` and calls `method`.
+
+  Example: `apply(gd, p, tokens, attn_mask=m)`, `apply(gd, p, hidden, method='logits')`.
+  """
+  model = nnx.merge(graphdef, params)
+  return getattr(model, method)(*args, **kwargs)
+
+
+def last_token_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+  """Hidden state at each row's last real position.
+
+  Args:
+    hidden: [B, T, D].
+    mask: [B, T] bool, True at real tokens (left or right padding).
+
+  Returns:
+    [B, D]. A row with no real token returns position T-1.
+  """
+  t = mask.shape[1]
+  last = t - 1 - jnp.argmax(mask[:, ::-1].astype(bool), axis=1)  # [B]
+  return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
+def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+  """Weighted mean next-token cross-entropy.
+
+  Targets are already shifted: `targets[:, t]` is the token that follows position t.
+
+  Args:
+    logits: [B, T, V].
+    targets: [B, T] int.
+    weights: [B, T] float or bool; 0 excludes a position.
+
+  Returns:
+    Scalar float32: sum(w * CE) / sum(w), 0 when all weights are 0.
+  """
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  w = weights.astype(jnp.float32)
+  total = jnp.sum(w)
+  return jnp.sum(ce * w) / jnp.where(total > 0, total, 1.0)

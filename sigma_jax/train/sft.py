@@ -1,0 +1,246 @@
+"""Stage ``sft``: multi-task instruction tuning of the backbone + ProjFuse + `<q>` head.
+
+Training examples: every task the dataset allows (``data/tasks.py``), training split only.
+JustForYou trains with a loss at every history position in one pass (``sft.every_position``);
+the other tasks one target per example. Batches are positions of a grain index dataset, so a
+killed run resumes at its checkpointed step with the same batches.
+
+Writes ``WORKDIR/sft/ckpt`` (Orbax: params, optimizer, step), ``metrics.jsonl`` (each loss part,
+gradient norm, tokens/s) and ``tasks.json`` (examples per task and split).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from sigma_jax import checkpoint, parallel, pipeline, utils
+from sigma_jax.data import loader, prompts, tasks, text
+from sigma_jax.models import projfuse, sigma
+from sigma_jax.train import optim, tokenize as tokenize_stage
+from sigma_jax.train.ground import NonFiniteLossError
+
+MODES = ("sigma", "gr_sid", "gr_id")
+
+
+@dataclasses.dataclass
+class Assets:
+  """Everything a prompt or a generator needs besides the model parameters."""
+  tok: text.TextTokenizer
+  spec: prompts.PromptSpec
+  feats: np.ndarray  # [N, F]
+  sids: np.ndarray  # [N, L(+1)]
+  prefix_ids: np.ndarray  # [N]
+  bucket_table: np.ndarray  # [P, Bmax]
+  bucket_sizes: np.ndarray  # [P]
+  verb_ids: list
+  mode: str
+
+
+def load_assets(cfg, workdir: str) -> Assets:
+  mode = cfg.generation.mode
+  if mode not in MODES:
+    raise ValueError(f"generation.mode must be one of {MODES}, got {mode!r}")
+  tz = tokenize_stage.load(workdir)
+  sids = tz["sids"]
+  levels = int(cfg.tokenizer.levels)
+  dedup = int(sids[:, levels:].max()) + 1 if sids.shape[1] > levels else 0
+  tok = text.TextTokenizer(text.model_path(workdir), levels=levels,
+                           codebook_size=int(cfg.tokenizer.codebook_size), dedup_size=dedup)
+  if mode == "sigma":
+    item_tokens = prompts.item_token_table(tok, sids, int(cfg.tokenizer.prefix_len))
+    prefix_ids, table, sizes = tz["prefix_ids"], tz["bucket_table"], tz["bucket_sizes"]
+  elif mode == "gr_sid":
+    item_tokens = np.stack([tok.sid_token(lv, sids[:, lv]) for lv in range(sids.shape[1])],
+                           axis=1).astype(np.int32)
+    prefix_ids, table, sizes = tz["prefix_ids"], tz["bucket_table"], tz["bucket_sizes"]
+  else:  # gr_id: no prefix; one bucket holds every item
+    n = len(sids)
+    item_tokens = np.zeros((n, 0), np.int32)
+    prefix_ids, table, sizes = (np.zeros(n, np.int32), np.arange(n, dtype=np.int32)[None],
+                                np.array([n], np.int32))
+  spec = prompts.PromptSpec(tok=tok, item_tokens=item_tokens, max_len=int(cfg.sft.max_len))
+  feats = projfuse.item_features(workdir, cfg.sft.extra_features)
+  return Assets(tok, spec, feats, sids, prefix_ids, table, sizes,
+                tok.encode(prompts.HISTORY_VERB), mode)
+
+
+def model_config(cfg, assets: Assets):
+  m = cfg.model.copy_and_resolve_references()
+  m.vocab_size = assets.tok.vocab_size
+  m.max_len = int(cfg.sft.max_len)
+  return m
+
+
+def build_model(cfg, assets: Assets, mesh):
+  """(graphdef, params) of a freshly initialised SigmaModel, born sharded."""
+  mcfg = model_config(cfg, assets)
+  feat_dim, hidden = assets.feats.shape[1], int(cfg.sft.projfuse_hidden)
+  return parallel.init_sharded(
+      lambda: sigma.SigmaModel(mcfg, feat_dim, hidden, rngs=nnx.Rngs(int(cfg.seed))), mesh,
+      cfg.axis_rules)
+
+
+@dataclasses.dataclass
+class Example:
+  history: np.ndarray
+  instruction: list
+  target: int
+  every_position: bool
+  task: str
+
+
+def training_examples(cfg, ds: loader.Dataset, assets: Assets) -> tuple[list, dict]:
+  """All training examples, in a fixed order, and the per-task counts."""
+  built = tasks.build_tasks(ds, cfg.tasks, "train")
+  examples, counts = [], {}
+  every = bool(cfg.sft.every_position) and assets.mode != "gr_sid"
+  h = int(cfg.dataset.max_history)
+  for name, ex in built.items():
+    if name == "justforyou" and every:
+      # One example per user: the last H+1 training items, every one after the first a target.
+      rows = [s[-(h + 1):] for s in ds.splits.train_seqs if len(s) >= 2]
+      instr = assets.tok.encode(ex.instruction[0]) if len(ex.instruction) else []
+      for s in rows:
+        examples.append(Example(s[:-1], instr, int(s[-1]), True, name))
+      counts[name] = len(rows)
+      continue
+    ids = assets.tok.sp.encode(list(ex.instruction))
+    for r in range(len(ex.target)):
+      examples.append(Example(ex.history[r], ids[r], int(ex.target[r]), False, name))
+    counts[name] = int(len(ex.target))
+  if not examples:
+    raise ValueError("no training examples for any task")
+  return examples, counts
+
+
+def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng) -> dict:
+  arrays = prompts.stack([
+      prompts.build_prompt(assets.spec, examples[i].history, examples[i].instruction,
+                           examples[i].target, examples[i].every_position,
+                           verb_ids=assets.verb_ids) for i in idx])
+  h = int(cfg.dataset.max_history)
+  max_q = h + 1 if cfg.sft.every_position else 1
+  return prompts.compact(arrays, max_q * max(1, assets.spec.prefix_len), max_q,
+                         int(cfg.sft.hard_negatives), assets.prefix_ids, assets.bucket_table,
+                         assets.bucket_sizes, rng)
+
+
+@pipeline.stage("sft")
+def run_sft(cfg, workdir: str) -> dict:
+  s = cfg.sft
+  seed = int(cfg.seed)
+  out_dir = os.path.join(workdir, "sft")
+  ds = loader.load_dataset(cfg, workdir)
+  assets = load_assets(cfg, workdir)
+  examples, train_counts = training_examples(cfg, ds, assets)
+  utils.write_json(os.path.join(out_dir, "tasks.json"), tasks.task_counts(ds, cfg.tasks))
+
+  mesh = parallel.make_mesh(cfg.mesh)
+  rules = cfg.axis_rules
+  batch_size = int(s.batch_size)
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % dp:
+    raise ValueError(f"sft.batch_size={batch_size} is not divisible by the {dp} data-parallel "
+                     "devices (mesh.data x mesh.fsdp)")
+  steps_per_epoch = loader.steps_per_epoch(len(examples), batch_size)
+  total = int(s.epochs * steps_per_epoch) if s.steps <= 0 else int(s.steps)
+  graphdef, state, state_sh, tx, schedule = init_state(cfg, assets, mesh, total)
+  repl = parallel.replicated(mesh)
+  feats = jax.device_put(jnp.asarray(assets.feats), repl)
+  mu, tau = float(s.mu), float(s.tau)
+
+  def train_step(st, batch, feats):
+    def loss_fn(p):
+      return sigma.sft_loss(nnx.merge(graphdef, p), batch, feats, mu, tau)
+    with parallel.activation_sharding(mesh, rules):
+      (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"])
+    updates, opt = tx.update(grads, st["opt"], st["params"])
+    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
+    return dict(params=optax.apply_updates(st["params"], updates), opt=opt,
+                step=st["step"] + 1), metrics
+
+  sample = make_batch(examples, np.arange(batch_size) % len(examples), assets, cfg,
+                      np.random.default_rng(0))
+  batch_sh = {k: parallel.batch_sharding(mesh, v.ndim, rules) for k, v in sample.items()}
+  step_fn = jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl),
+                    out_shardings=(state_sh, repl), donate_argnums=0)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2)
+  meta = {"step": 0}
+  restored = ckpt.restore(state)
+  if restored is not None:
+    _, state, meta = restored
+    logging.info("sft: resumed at step %d", meta["step"])
+  metrics_path = os.path.join(out_dir, "metrics.jsonl")
+  utils.truncate_jsonl(metrics_path, lambda r: r["step"] <= meta["step"])
+
+  order = loader.index_batches(len(examples), batch_size, seed)
+  bar = tqdm(total=total, initial=meta["step"], desc="sft", dynamic_ncols=True,
+             disable=not cfg.get("progress", True))
+  t0, tokens_seen = time.time(), 0
+  try:
+    while meta["step"] < total:
+      step = meta["step"]
+      idx = order[step]
+      batch = make_batch(examples, idx, assets, cfg, np.random.default_rng([seed, step]))
+      tokens_seen += int(batch["attn_mask"].sum())
+      state, m = step_fn(state, parallel.shard_batch(batch, mesh, rules), feats)
+      meta["step"] = step + 1
+      bar.update(1)
+      done = meta["step"] == total
+      if meta["step"] % int(s.log_every) == 0 or done:
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not all(np.isfinite(v) for v in m.values()):
+          raise NonFiniteLossError(f"stage sft, step {meta['step']}: non-finite loss or "
+                                   f"gradient {m}; last good checkpoint: step "
+                                   f"{ckpt.latest_step()}")
+        dt = max(1e-9, time.time() - t0)
+        rec = dict(m, step=meta["step"], epoch=meta["step"] / steps_per_epoch,
+                   tokens_per_s=tokens_seen / dt, lr=float(schedule(meta["step"])))
+        t0, tokens_seen = time.time(), 0
+        utils.append_jsonl(metrics_path, rec)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", ntp=f"{m['ntp']:.2f}", id=f"{m['id']:.2f}")
+      if meta["step"] % int(s.ckpt_every) == 0 or done:
+        ckpt.save(meta["step"], state, dict(meta, mode=assets.mode))
+  finally:
+    bar.close()
+    ckpt.wait()
+  ckpt.close()
+  logs = utils.read_jsonl(metrics_path)
+  return {"steps": total, "examples": train_counts, "final": logs[-1] if logs else {},
+          "mode": assets.mode}
+
+
+def init_state(cfg, assets: Assets, mesh, total_steps: int):
+  """Model, optimizer and step, born sharded: (graphdef, state, state_shardings, tx, schedule)."""
+  s = cfg.sft
+  graphdef, params = build_model(cfg, assets, mesh)
+  param_sh = parallel.state_shardings(params, mesh, cfg.axis_rules)
+  tx, schedule = optim.make_optimizer(s.learning_rate, s.warmup_steps, total_steps,
+                                      s.weight_decay)
+  repl = parallel.replicated(mesh)
+  state_sh = {"params": param_sh, "opt": parallel.optimizer_shardings(tx, params, param_sh, mesh),
+              "step": repl}
+  state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
+           "step": jnp.zeros((), jnp.int32)}
+  return graphdef, state, state_sh, tx, schedule
+
+
+def load_params(cfg, workdir: str, assets: Assets, mesh):
+  """(graphdef, params, step) of the newest SFT checkpoint, restored sharded."""
+  graphdef, state, _, _, _ = init_state(cfg, assets, mesh, 1)
+  with checkpoint.Checkpointer(os.path.join(workdir, "sft", "ckpt"), max_to_keep=2) as ckpt:
+    restored = ckpt.restore(state)
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/sft/ckpt has no checkpoint: run the 'sft' stage first")
+  step, state, _ = restored
+  return graphdef, state["params"], step
