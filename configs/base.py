@@ -127,6 +127,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.generation = ml_collections.ConfigDict()
   c.generation.mode = "sigma"  # sigma | gr_sid | gr_id
+  c.generation.num_beams = 20  # K
+  c.generation.top_m = 20  # items kept per prefix bucket
+  c.generation.top_n = 20  # N, the recommendation list
+  c.generation.fuse = True  # APF; False: the un-fused ranking (ablation)
+  c.generation.apf_tau = 0.01  # τ of APF: item logits are cos · σ(φ) / τ
+  c.generation.eval_batch = 64
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "rqkmeans"  # rqkmeans | rqvae

@@ -68,8 +68,9 @@ def run(cfg, workdir: str) -> dict:
   return summaries
 
 
-_STAGE_MODULES = ("sigma_jax.data.stage", "sigma_jax.data.text", "sigma_jax.train.collab", "sigma_jax.train.ground",
-                  "sigma_jax.train.tokenize", "sigma_jax.train.sft")
+_STAGE_MODULES = ("sigma_jax.data.stage", "sigma_jax.data.text", "sigma_jax.train.collab",
+                  "sigma_jax.train.ground", "sigma_jax.train.tokenize", "sigma_jax.train.sft",
+                  "sigma_jax.eval.stage")
 
 
 def _register_all():

@@ -1,0 +1,184 @@
+"""SIGMA's three-step generation as one jitted program per mode (DESIGN §1.4).
+
+`sigma`: (1) trie-constrained beam search over the ℓ-token SID prefix → K prefixes with beam
+scores; (2) `<q>` fed after each prefix on the KV cache, its hidden state scored by cosine
+against the items of that prefix's bucket, top M; (3) APF, then a global top-N (or the un-fused
+ranking for the ablation). `gr_sid`: beam search over the full SID (with the de-duplication
+level), each code sequence mapped back to its one item. `gr_id`: `<q>` right after the prompt,
+exact top-N over all items.
+
+Prompts end with `<|end|> <|start|>` (`data.prompts.build_prompt(..., target=None)`): the prompt
+minus that last `<|start|>` is prefilled into the cache once; the beam search feeds `<|start|>`
+first. Constraint tables, bucket tables and item keys are ARGUMENTS of the jitted function, so a
+new catalogue or instruction of the same shapes does not recompile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sigma_jax.data import prompts, text
+from sigma_jax.generate import beam, fusion, trie
+from sigma_jax.models import rq
+
+NEG_INF = beam.NEG_INF
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+  """Static decoding settings (hashable: they select a compiled program)."""
+  mode: str
+  num_beams: int
+  top_m: int
+  top_n: int
+  token_offset: tuple
+  fuse: bool  # APF (True) or the un-fused ablation ranking
+  query_token: int
+
+
+def _cache_len(prompt_len: int, levels: int) -> int:
+  return prompt_len + levels + 2
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
+def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats, tables,
+             bucket_table, allowed, tau, *, spec: DecodeSpec) -> fusion.Ranked:
+  """Top-N items for a batch of prompts.
+
+  Args:
+    graphdef, params: the split `SigmaModel`.
+    item_keys: [N, D] v̂ of every item (`SigmaModel.item_keys(feats)`, computed once).
+    tokens, inject_items, attn_mask: [B, T] right-padded prompts ending with <|end|><|start|>.
+    feats: [N, F] frozen item features (for the injected history items).
+    tables: `TrieTables` (batched [B, ...] for per-example constraints), unused in gr_id.
+    bucket_table: [P, Bmax] items per prefix id (-1 padded).
+    allowed: [B, N] bool items each example may return (all True without a constraint).
+    tau: APF temperature τ (a traced scalar: sweeping it does not recompile).
+    spec: `DecodeSpec`.
+
+  Returns:
+    `fusion.Ranked` [B, N_top].
+  """
+  model = nnx.merge(graphdef, params)
+  b, t = tokens.shape
+  length = jnp.sum(attn_mask, axis=1)  # [B]
+  last = jnp.arange(t)[None, :] == (length - 1)[:, None]  # the final <|start|>
+  levels = len(spec.token_offset)
+  cache = model.backbone.init_cache(b, _cache_len(t, levels))
+  _, cache = model.hidden(tokens, inject_items, attn_mask & ~last, feats, cache=cache)
+  start = jnp.take_along_axis(tokens, (length - 1)[:, None], axis=1)[:, 0]  # [B]
+
+  def step(tok, c, _):
+    h, c = model.backbone(tok[:, None], cache=c, decode=True)
+    return model.backbone.logits(h)[:, 0], c
+
+  if spec.mode == "gr_id":
+    q_in = jnp.stack([start, jnp.full_like(start, spec.query_token)], axis=1)  # [B, 2]
+    h, _ = model.backbone(q_in, cache=cache)
+    q = model.query(h[:, 1])  # [B, D]
+    cos = q @ item_keys.T  # [B, N]
+    cos = jnp.where(allowed, cos, NEG_INF)
+    top, items = jax.lax.top_k(cos, spec.top_n)
+    ok = top > NEG_INF / 2
+    return fusion.Ranked(items=jnp.where(ok, items, -1).astype(jnp.int32),
+                         scores=jnp.where(ok, top, NEG_INF), beam=jnp.where(ok, 0, -1),
+                         cos=jnp.where(ok, top, NEG_INF), valid=ok)
+
+  res = beam.beam_search(step, start, cache, tables, num_beams=spec.num_beams,
+                         token_offset=spec.token_offset)
+  k = spec.num_beams
+  if spec.mode == "gr_sid":
+    # Every full SID names one item: its bucket holds exactly that item.
+    items = jnp.where(res.valid, bucket_table[jnp.maximum(res.prefix_ids, 0), 0], -1)
+    ok = res.valid & (items >= 0)
+    return fusion.Ranked(items=jnp.where(ok, items, -1)[:, :spec.top_n],
+                         scores=jnp.where(ok, res.scores, NEG_INF)[:, :spec.top_n],
+                         beam=jnp.where(ok, jnp.arange(k)[None], -1)[:, :spec.top_n],
+                         cos=jnp.zeros_like(res.scores)[:, :spec.top_n],
+                         valid=ok[:, :spec.top_n])
+
+  # sigma: <q> after each prefix, on the beams' caches (they hold all codes but the last).
+  q_in = jnp.stack([res.last_tokens.reshape(-1),
+                    jnp.full((b * k,), spec.query_token, jnp.int32)], axis=1)  # [BK, 2]
+  h, _ = model.backbone(q_in, cache=res.cache)
+  q = model.query(h[:, 1]).reshape(b, k, -1)  # [B, K, D]
+  cand, cos = fusion.bucket_retrieval(q, res.prefix_ids, bucket_table, item_keys, spec.top_m)
+  # Items of a prefix bucket that break the instruction's constraint never reach the ranking.
+  ok_item = jnp.take_along_axis(allowed[:, None, :], jnp.maximum(cand, 0), axis=2) & (cand >= 0)
+  cand = jnp.where(ok_item, cand, -1)
+  cos = jnp.where(ok_item, cos, NEG_INF)
+  if spec.fuse:
+    return fusion.apf_rank(res.scores, res.valid, cand, cos, tau, spec.top_n)
+  return fusion.unfused_rank(res.scores, res.valid, cand, cos, spec.top_n)
+
+
+class Generator:
+  """Host-side wrapper: builds tables once, batches prompts, calls `generate`."""
+
+  def __init__(self, cfg, assets, graphdef, params, *, mode: str | None = None,
+               fuse: bool | None = None):
+    g = cfg.generation
+    self.cfg, self.assets, self.graphdef, self.params = cfg, assets, graphdef, params
+    self.mode = mode or assets.mode
+    levels = int(cfg.tokenizer.levels)
+    size = int(cfg.tokenizer.codebook_size)
+    sids = assets.sids
+    tok = assets.tok
+    if self.mode == "sigma":
+      self.codes = sids[:, :int(cfg.tokenizer.prefix_len)]
+      self.bucket_table = assets.bucket_table
+    elif self.mode == "gr_sid":
+      self.codes = sids
+      _, self.bucket_table, _, _ = rq.prefix_buckets(sids, sids.shape[1])
+    else:
+      self.codes = np.zeros((len(sids), 0), np.int32)
+      self.bucket_table = assets.bucket_table
+    self.sizes = tuple([size] * min(self.codes.shape[1], levels) +
+                       [tok.dedup_size] * max(0, self.codes.shape[1] - levels))
+    offsets = tuple(int(tok.sid_token(lv, 0)) for lv in range(self.codes.shape[1]))
+    num_beams = int(g.num_beams)
+    self.spec = DecodeSpec(mode=self.mode, num_beams=num_beams, top_m=int(g.top_m),
+                           top_n=int(g.top_n), token_offset=offsets,
+                           fuse=bool(g.fuse if fuse is None else fuse),
+                           query_token=tok.special[text.QUERY])
+    self.full_tables = (trie.build_tables(self.codes, self.sizes) if self.codes.shape[1]
+                        else None)
+    model = nnx.merge(graphdef, params)
+    self.item_keys = jax.jit(model.item_keys)(jnp.asarray(assets.feats))
+    self.feats = jnp.asarray(assets.feats)
+
+  def tables_for(self, allowed: np.ndarray | None):
+    """Full-catalogue tables, or per-example subset tables when `allowed` [B, N] is given."""
+    if self.full_tables is None:
+      return None
+    if allowed is None or allowed.all():
+      return self.full_tables
+    return trie.stack_tables([trie.subset_tables(self.codes, self.sizes, np.flatnonzero(a))
+                              for a in allowed])
+
+  def prompts(self, histories, instructions) -> dict:
+    a = self.assets
+    ex = [prompts.build_prompt(a.spec, h, a.tok.encode(i) if isinstance(i, str) else i, None,
+                               verb_ids=a.verb_ids) for h, i in zip(histories, instructions)]
+    return prompts.stack(ex)
+
+  def recommend(self, histories, instructions, allowed: np.ndarray | None = None,
+                tau: float | None = None) -> fusion.Ranked:
+    """Ranked items for each (history, instruction); `allowed` [B, N] constrains the result."""
+    n = len(self.assets.sids)
+    arrays = self.prompts(histories, instructions)
+    b = len(arrays["tokens"])
+    mask = np.ones((b, n), bool) if allowed is None else np.asarray(allowed, bool)
+    if not mask.any(axis=1).all():
+      raise ValueError("an example allows no item at all: its constraint matches nothing")
+    tables = self.tables_for(None if allowed is None else mask)
+    tau = float(self.cfg.generation.apf_tau if tau is None else tau)
+    out = generate(self.graphdef, self.params, self.item_keys, arrays["tokens"],
+                   arrays["inject_items"], arrays["attn_mask"], self.feats, tables,
+                   self.bucket_table, mask, tau, spec=self.spec)
+    return jax.device_get(out)
