@@ -1,0 +1,124 @@
+"""Bucketed retrieval, adaptive probabilistic fusion (APF) and the un-fused ablation ranking."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sigma_jax.generate import fusion
+from sigma_jax.generate.beam import NEG_INF
+from sigma_jax.models import rq
+
+
+def beam_outputs(rng, batch, k, m, invalid_rows=()):
+  """Random beam scores (sorted log-probs), validity, and disjoint candidate items per beam."""
+  probs = rng.dirichlet(np.ones(k * 2), batch)[:, :k]  # [B, K], sums below 1 like real beams
+  scores = np.sort(np.log(probs), axis=1)[:, ::-1].astype(np.float32)
+  valid = np.ones((batch, k), bool)
+  for b, n in invalid_rows:
+    valid[b, n:] = False
+    scores[b, n:] = NEG_INF
+  items = rng.permutation(batch * k * m * 2)[:batch * k * m].reshape(batch, k, m)
+  items[rng.random(items.shape) < 0.25] = -1  # short buckets
+  cos = rng.uniform(-1, 1, (batch, k, m)).astype(np.float32)
+  cos[items < 0] = NEG_INF
+  return scores, valid, items.astype(np.int32), cos
+
+
+def test_apf_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  scores, valid, items, cos = beam_outputs(rng, 4, 5, 4, invalid_rows=[(1, 3), (2, 1)])
+  for tau, top_n in [(0.1, 12), (1.0, 30)]:  # 30 > K*M: padded output
+    got = fusion.apf_rank(scores, valid, items, cos, tau, top_n)
+    want_items, want_p = fusion.apf_reference(scores, valid, items, cos, tau, top_n)
+    np.testing.assert_array_equal(got.items, want_items)
+    np.testing.assert_allclose(got.scores, want_p, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(got.valid, want_items >= 0)
+    # The beam index points at the bucket each item came from.
+    for b, n in zip(*np.nonzero(np.asarray(got.valid))):
+      assert int(got.items[b, n]) in items[b, int(got.beam[b, n])]
+  # Over all candidates the fused probabilities sum to one.
+  full = fusion.apf_rank(scores, valid, items, cos, 0.1, 20)
+  np.testing.assert_allclose(np.asarray(full.scores).sum(1), 1.0, rtol=1e-5)
+
+
+def test_large_sigma_sharpens_the_item_distribution():
+  k, m = 5, 6
+  cos = np.tile(np.linspace(-0.5, 0.9, m, dtype=np.float32), (2, k, 1))  # [2, K, M]
+  items = np.arange(2 * k * m, dtype=np.int32).reshape(2, k, m)
+  peaked = np.log([0.9, 0.04, 0.03, 0.02, 0.01])
+  flat = np.log([0.2, 0.2, 0.2, 0.2, 0.19])
+  scores = np.stack([peaked, flat]).astype(np.float32)
+  valid = np.ones((2, k), bool)
+  terms = jax.jit(fusion.apf_terms)
+  _, sigma, log_item = terms(jnp.asarray(scores), jnp.asarray(valid),
+                                        jnp.asarray(cos), jnp.asarray(items), 0.07)
+  np.testing.assert_allclose(sigma, [np.std(np.exp(peaked)), np.std(np.exp(flat))], rtol=1e-5)
+  assert sigma[0] > 10 * sigma[1]
+  p = np.exp(np.asarray(log_item[:, 0]))  # bucket of beam 0, [2, M]
+  entropy = -(p * np.log(p)).sum(1)
+  assert entropy[0] < entropy[1] and p[0].max() > p[1].max()
+  # Equal beam probabilities: σ = 0 and a uniform item distribution.
+  _, sigma0, log_item0 = terms(jnp.zeros((1, k)), jnp.asarray(valid[:1]), jnp.asarray(cos[:1]),
+                               jnp.asarray(items[:1]), 0.07)
+  assert float(sigma0[0]) == 0.0
+  np.testing.assert_allclose(np.exp(log_item0), 1.0 / m, rtol=1e-6)
+
+
+def test_unfused_rank_sorts_by_prefix_then_cosine():
+  rng = np.random.default_rng(1)
+  scores, valid, items, cos = beam_outputs(rng, 3, 4, 5, invalid_rows=[(2, 2)])
+  scores = scores[:, ::-1].copy()  # beams in any order: the sort must use the scores
+  valid = valid[:, ::-1].copy()
+  items, cos = items[:, ::-1].copy(), cos[:, ::-1].copy()
+  got = fusion.unfused_rank(scores, valid, items, cos, 15)
+  for b in range(3):
+    cands = [(-scores[b, k], -cos[b, k, m], items[b, k, m]) for k in range(4) for m in range(5)
+             if valid[b, k] and items[b, k, m] >= 0]
+    want = [c[2] for c in sorted(cands)][:15]
+    np.testing.assert_array_equal(np.asarray(got.items[b])[:len(want)], want)
+    assert np.all(np.asarray(got.items[b])[len(want):] == -1)
+
+
+@pytest.mark.parametrize("num_items", [3, 40])  # 40 > the largest bucket: padded
+def test_bucket_retrieval_matches_brute_force(num_items):
+  rng = np.random.default_rng(2)
+  n, d, batch, k = 60, 8, 3, 4
+  codes = rng.integers(0, 6, (n, 2))
+  prefix_ids, table, sizes, _ = rq.prefix_buckets(codes, 1)
+  emb = rng.normal(size=(n, d)).astype(np.float32)
+  h = rng.normal(size=(batch, k, d)).astype(np.float32)
+  pids = rng.integers(0, len(sizes), (batch, k)).astype(np.int32)
+  pids[1, 3] = -1  # an invalid beam
+  items, cos = fusion.bucket_retrieval(h, pids, table, emb, num_items)
+  en = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+  for b in range(batch):
+    for kk in range(k):
+      if pids[b, kk] < 0:
+        assert np.all(np.asarray(items[b, kk]) == -1)
+        assert np.all(np.asarray(cos[b, kk]) == NEG_INF)
+        continue
+      members = np.flatnonzero(prefix_ids == pids[b, kk])
+      c = en[members] @ (h[b, kk] / np.linalg.norm(h[b, kk]))
+      order = np.argsort(-c, kind="stable")[:num_items]
+      got = np.asarray(items[b, kk])
+      np.testing.assert_array_equal(got[:len(order)], members[order])
+      np.testing.assert_allclose(np.asarray(cos[b, kk])[:len(order)], c[order], rtol=1e-5,
+                                 atol=1e-6)
+      assert np.all(got[len(order):] == -1)
+
+
+def test_retrieval_then_fusion_has_no_duplicates():
+  rng = np.random.default_rng(3)
+  n, d, batch, k, m = 80, 8, 2, 5, 6
+  prefix_ids, table, sizes, _ = rq.prefix_buckets(rng.integers(0, 10, (n, 1)), 1)
+  emb = rng.normal(size=(n, d)).astype(np.float32)
+  h = rng.normal(size=(batch, k, d)).astype(np.float32)
+  pids = np.stack([rng.permutation(len(sizes))[:k] for _ in range(batch)]).astype(np.int32)
+  scores = np.sort(np.log(rng.dirichlet(np.ones(k), batch)), 1)[:, ::-1].astype(np.float32)
+  items, cos = fusion.bucket_retrieval(h, pids, table, emb, m)
+  for ranked in (fusion.apf_rank(scores, np.ones((batch, k), bool), items, cos, 0.1, 20),
+                 fusion.unfused_rank(scores, np.ones((batch, k), bool), items, cos, 20)):
+    for b in range(batch):
+      got = np.asarray(ranked.items[b])[np.asarray(ranked.valid[b])]
+      assert len(got) == len(set(got.tolist()))
+      assert set(prefix_ids[got].tolist()) <= set(pids[b].tolist())
