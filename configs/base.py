@@ -133,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.generation.fuse = True  # APF; False: the un-fused ranking (ablation)
   c.generation.apf_tau = 0.01  # τ of APF: item logits are cos · σ(φ) / τ
   c.generation.eval_batch = 64
+  c.generation.eval_limit = 0  # evaluate at most this many examples per task and split; 0: all
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "rqkmeans"  # rqkmeans | rqvae
@@ -166,4 +167,8 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.ground.ckpt_every = 50
   c.ground.log_every = 25
   c.ground.encode_batch = 256
+  c.tasks.max_train_per_user = 3
+  c.sft.epochs = 2.0
+  c.generation.num_beams = 10
+  c.generation.eval_batch = 32
   return c

@@ -29,3 +29,32 @@ def data_root():
   if not os.path.isdir(root):
     raise RuntimeError(f"SIGMA_DATA_DIR={root} is not a directory")
   return root
+
+
+ROOT = _ROOT
+# The demo pipeline, shrunk further so the suite stays fast; tests that need a trained work
+# directory share one run (session fixture below).
+FAST_DEMO = ("--config.collab.epochs=2", "--config.ground.steps=40", "--config.sft.epochs=1",
+             "--config.generation.eval_limit=40")
+
+
+def run_train(workdir, *overrides, config="configs/demo.py", timeout=600, check=True):
+  """`python -m launch.train` in a subprocess on one CPU device, as a user would run it."""
+  import subprocess
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  env["JAX_PLATFORMS"] = "cpu"
+  out = subprocess.run(
+      [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}",
+       *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  if check and out.returncode != 0:
+    raise AssertionError(f"launch.train failed ({out.returncode}):\n{out.stderr[-4000:]}")
+  return out
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory):
+  """A work directory with every stage of the (fast) demo pipeline done."""
+  workdir = str(tmp_path_factory.mktemp("demo_run"))
+  run_train(workdir, *FAST_DEMO)
+  return workdir

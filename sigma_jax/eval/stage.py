@@ -86,7 +86,8 @@ def load_generator(cfg, workdir: str, mode=None, fuse=None):
 @pipeline.stage("eval")
 def run_eval(cfg, workdir: str) -> dict:
   ds, gen, step = load_generator(cfg, workdir)
-  results = evaluate(cfg, ds, gen, progress=bool(cfg.get("progress", True)))
+  limit = int(cfg.generation.eval_limit) or None
+  results = evaluate(cfg, ds, gen, limit=limit, progress=bool(cfg.get("progress", True)))
   g = cfg.generation
   available, unavailable = tasks_lib.available_tasks(ds)
   out = {"tasks": results, "mode": gen.mode, "fused": gen.spec.fuse, "sft_step": int(step),
@@ -94,6 +95,7 @@ def run_eval(cfg, workdir: str) -> dict:
          "protocol": {"split": "leave-one-out; validation = second-last item, test = last",
                       "ranking": "full catalogue through the generator; constrained tasks "
                                  "decode against the tables of the allowed items",
+                      "examples_per_task": "all" if limit is None else f"first {limit}",
                       "num_beams": int(g.num_beams), "top_m": int(g.top_m),
                       "top_n": int(g.top_n), "apf_tau": float(g.apf_tau),
                       "invalid_or_duplicate_items": "impossible by construction; measured as "

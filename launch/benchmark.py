@@ -1,0 +1,390 @@
+r"""Benchmarks of sigma_jax; one subcommand per benchmark, each prints ONE JSON line on stdout.
+
+  python -m launch.benchmark decode                      # the full decode benchmark
+  python -m launch.benchmark decode --items=20000 --batches=1,8 --reps=3
+
+Subcommands (add one by writing a `_<name>(argv) -> dict` function and listing it in
+`SUBCOMMANDS`; flags are absl flags shared by all subcommands, each documented with the one
+that reads it):
+
+`decode` (docs/BENCHMARKS.md "Decoding speed"). Two measurements:
+
+1. Constrained beam search over the SID levels, on device vs on the host. A random-init decoder
+   (`configs/base.py` backbone `--backbone`, vocabulary = `--text_vocab` text tokens + L·C SID
+   tokens) and a synthetic catalogue of `--items` random distinct SIDs (L = `--levels`,
+   C = `--codebook`). For each batch size in `--batches`, the same random prompts of
+   `--prompt_len` tokens are prefilled into a KV cache once (jitted, not timed), then:
+     (a) `beam.constrained_beam_search` (the jitted `lax.while_loop`, trie tables as device
+         arrays) with a `step_fn` that runs the real backbone one token per beam on its KV
+         cache and returns full-vocabulary logits — the same step `generator.generate` runs —
+         timed from the prefilled cache to `block_until_ready` of the result;
+     (b) `reference.host_beam_search` with the SAME step_fn, parameters, prefilled cache and
+         catalogue (a dict trie behind a Python `prefix -> allowed codes` callback, called per
+         beam per step; one jitted model call per step; top-k on the host), timed the same
+         way (its result is NumPy, so it is synchronous).
+   Both are warmed up (compiled) first; the median of `--reps` (`--ref_reps` for (b)) runs is
+   reported as recommendations/s = B / seconds (one recommendation = one prompt's K beams).
+   `speedup` = (b) / (a) time at the largest batch; `speedup_by_batch` for every batch.
+   `prefill_ms` (the same for both) is reported so end-to-end numbers can be derived.
+   The prefill and the model step are identical in (a) and (b); only the search around the
+   model differs. `agreement` is the fraction of (example, beam) rows whose SID the two
+   searches agree on (near-ties in float32 can swap beams; it should be close to 1).
+   `search_only` / `speedup_search_only`: the same two searches with the backbone replaced by
+   a table lookup (`TableStep`), i.e. the search machinery alone — constraint, softmax, top-k,
+   beam bookkeeping and per-step dispatch. It is NOT the headline: `speedup` is with the model.
+
+2. Per-step constraint cost against catalogue size. For each size in `--constraint_items`,
+   tables of that many random distinct SIDs are built in NumPy (`trie.build_tables`, its time
+   reported as `build_s`) and put on the device; then ONLY the constraint part of one decode
+   step is timed: the jitted per-level function of `beam._level_fns` (the one `beam_search`
+   calls each step), node ids [B, K] -> (allowed mask [B, K, C], child node ids [B, K, C]),
+   with B = `--constraint_batch`, K = `--num_beams`. Level 0 starts at the root, level 1
+   (dense mask) at random allowed level-0 codes, levels >= 2 (CSR) at random existing nodes;
+   every repetition gets fresh node ids. Median ms over `--constraint_reps` calls, each
+   blocked on. `constraint_growth` = t(largest) / t(smallest) at the deepest CSR level (the
+   only tables whose size grows with the catalogue; dense levels are [C0, C1] whatever N);
+   `constraint_growth_mean` uses the mean over levels. `dispatch_ms` is the median time of an
+   empty jitted call, the floor every per-call number includes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app, flags
+
+_BACKBONE = flags.DEFINE_string("backbone", "small", "decode: backbone size in configs/base.py.")
+_TEXT_VOCAB = flags.DEFINE_integer("text_vocab", 4000, "decode: text tokens before SID tokens.")
+_LEVELS = flags.DEFINE_integer("levels", 3, "decode: SID levels L.")
+_CODEBOOK = flags.DEFINE_integer("codebook", 256, "decode: codes per level C.")
+_ITEMS = flags.DEFINE_integer("items", 100_000, "decode: catalogue size of the search benchmark.")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", 20, "decode: beams K.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "64"], "decode: batch sizes of the search benchmark.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode: prompt tokens (prefilled, untimed).")
+_REPS = flags.DEFINE_integer("reps", 5, "decode: timed runs of the jitted search.")
+_REF_REPS = flags.DEFINE_integer("ref_reps", 3, "decode: timed runs of the host search.")
+_CONSTRAINT_ITEMS = flags.DEFINE_list("constraint_items", ["10000", "100000", "1000000"],
+                                      "decode: catalogue sizes of the constraint benchmark.")
+_CONSTRAINT_BATCH = flags.DEFINE_integer("constraint_batch", 64,
+                                         "decode: batch B of the constraint benchmark.")
+_CONSTRAINT_REPS = flags.DEFINE_integer("constraint_reps", 50,
+                                        "decode: timed calls per level and catalogue size.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed of parameters, prompts and catalogues.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _median_s(fn: Callable[[], Any], reps: int) -> float:
+  """Median wall seconds of `fn()` over `reps` runs, each blocked until its result is ready."""
+  import jax
+  times = []
+  for _ in range(max(1, reps)):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def machine_info() -> dict:
+  """The devices, CPU count and library versions a result was measured with."""
+  import flax
+  import jax
+  return dict(devices=[str(d) for d in jax.devices()], backend=jax.default_backend(),
+              cpu_count=os.cpu_count(),
+              cpu_affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+              else None,
+              platform=platform.platform(), jax=jax.__version__, flax=flax.__version__,
+              python=platform.python_version())
+
+
+def synthetic_sids(rng, n: int, sizes: Sequence[int]):
+  """`n` distinct uniformly random SIDs.
+
+  Args:
+    rng: `np.random.Generator`.
+    n: items N (at most prod(sizes)).
+    sizes: (C_0, ..., C_{L-1}).
+
+  Returns:
+    [N, L] int32 codes, rows in random order.
+  """
+  import numpy as np
+  total = int(np.prod([float(c) for c in sizes]))
+  if n > total:
+    raise ValueError(f"{n} distinct SIDs do not fit in {tuple(sizes)} codes")
+  # Oversample then deduplicate: O(N log N), unlike a permutation of all prod(sizes) keys.
+  keys = np.zeros(0, np.int64)
+  while len(keys) < n:
+    draw = rng.integers(0, total, size=int(1.2 * (n - len(keys))) + 16, dtype=np.int64)
+    keys = np.unique(np.concatenate([keys, draw]))
+  keys = rng.permutation(keys)[:n]
+  return np.stack(np.unravel_index(keys, tuple(sizes)), axis=1).astype(np.int32)  # [N, L]
+
+
+# ---------------------------------------------------------------------------------------------
+# decode
+
+
+class DecoderStep:
+  """`step_fn(params, tokens [B*K], cache, step) -> (logits [B*K, V], cache)` of a split Decoder.
+
+  One token per beam on the KV cache, full-vocabulary logits (as `generator.generate`'s step).
+  Equal graphdefs compare equal, so jit reuses compiled programs across instances.
+  """
+
+  def __init__(self, graphdef):
+    self.graphdef = graphdef
+
+  def __hash__(self):
+    return hash(self.graphdef)
+
+  def __eq__(self, other):
+    return isinstance(other, DecoderStep) and other.graphdef == self.graphdef
+
+  def __call__(self, params, tokens, cache, step):
+    from sigma_jax.models import backbone as bb
+    del step  # the level does not change the model call
+    hidden, cache = bb.apply(self.graphdef, params, tokens[:, None], cache=cache,
+                             decode=True)  # [B*K, 1, D]
+    return bb.apply(self.graphdef, params, hidden, method="logits")[:, 0], cache  # [B*K, V]
+
+
+class TableStep:
+  """A stand-in model step without a backbone: logits are rows of a fixed table.
+
+  `step_fn(table [R, V], tokens [B*K], cache [B*K], step) -> (table[tokens % R] [B*K, V],
+  cache)`, the cache being one int per row (still reordered by both searches). Used only for
+  the `search_only` numbers, which isolate the search machinery (constraint, softmax, top-k,
+  beam bookkeeping, per-step dispatch) from the model.
+  """
+
+  def __hash__(self):
+    return hash(TableStep)
+
+  def __eq__(self, other):
+    return isinstance(other, TableStep)
+
+  def __call__(self, table, tokens, cache, step):
+    del step
+    return table[tokens % table.shape[0]], cache  # [B*K, V]
+
+
+def random_decoder(size: str, vocab_size: int, seed: int):
+  """A split random-init Decoder of a `configs/base.py` size.
+
+  Parameters are drawn in NumPy (fan-in-scaled normals, embedding std 0.02, norm scales 1):
+  Flax's initialisers compile one random op per shape, which costs seconds on a small CPU.
+
+  Returns:
+    (cfg, graphdef, params) with params on the default device.
+  """
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from configs import base
+  from sigma_jax.models import backbone as bb
+  cfg = base.backbone(size)
+  cfg.vocab_size = int(vocab_size)
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: bb.Decoder(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      return np.ones(x.shape, np.float32)
+    if "embedding" in name:
+      return rng.normal(0, 0.02, x.shape).astype(np.float32)
+    # Fan-in = all axes but the output one (q/k/v [D, H, Dh] and o_proj [H, Dh, D] alike).
+    fan_in = x.shape[0] if "proj" in name and "o_proj" not in name else int(
+        np.prod(x.shape[:-1]))
+    return rng.normal(0, fan_in ** -0.5, x.shape).astype(np.float32)
+
+  params = jax.device_put(jax.tree_util.tree_map_with_path(draw, abstract))
+  return cfg, graphdef, params
+
+
+def _search_bench(cfg, graphdef, params, sids, sizes, offsets, batch: int, rng) -> dict:
+  """(a) jitted vs (b) host constrained beam search for one batch size; see module docstring."""
+  import jax
+  import numpy as np
+
+  from sigma_jax.generate import beam, reference, trie
+  from sigma_jax.models import backbone as bb
+  k, levels, p = _NUM_BEAMS.value, len(sizes), _PROMPT_LEN.value
+  step = DecoderStep(graphdef)
+  tables = jax.device_put(trie.build_tables(sids, sizes))
+  allowed_fn = reference.prefix_allowed_fn(sids)
+
+  prompt = rng.integers(0, _TEXT_VOCAB.value, (batch, p)).astype(np.int32)  # [B, P]
+
+  @jax.jit
+  def prefill(params, tokens):
+    # The prompt minus its last token; room for the L codes and a <q> pass after them.
+    cache = bb.init_cache(cfg, tokens.shape[0], max_len=tokens.shape[1] + levels + 2)
+    _, cache = bb.apply(graphdef, params, tokens, cache=cache)
+    return cache
+
+  start = jax.device_put(prompt[:, -1])  # [B]
+  jax.block_until_ready(prefill(params, prompt[:, :-1]))  # compile
+  prefill_s = _median_s(lambda: prefill(params, prompt[:, :-1]), _REPS.value)
+  cache = jax.block_until_ready(prefill(params, prompt[:, :-1]))
+
+  def device_search():
+    return beam.constrained_beam_search(step, params, start, cache, tables, num_beams=k,
+                                        token_offset=offsets)
+
+  def host_search():
+    return reference.host_beam_search(step, params, prompt[:, -1], cache, allowed_fn,
+                                      num_beams=k, token_offset=offsets, codebook_sizes=sizes)
+
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(device_search())
+  compile_s = time.perf_counter() - t0
+  device_s = _median_s(device_search, _REPS.value)
+  ref_seqs, _, ref_valid = host_search()  # warm-up: compiles the step and the reorder
+  host_s = _median_s(host_search, _REF_REPS.value)
+
+  # The same two searches around a table-lookup step (no backbone): the search alone.
+  table = jax.device_put(rng.normal(size=(997, int(cfg.vocab_size))).astype(np.float32))
+  rows = jax.device_put(np.zeros(batch, np.int32))  # [B] a one-int "cache" per row
+  table_step = TableStep()
+  lite_device = lambda: beam.constrained_beam_search(
+      table_step, table, start, rows, tables, num_beams=k, token_offset=offsets)
+  lite_host = lambda: reference.host_beam_search(
+      table_step, table, prompt[:, -1], rows, allowed_fn, num_beams=k, token_offset=offsets,
+      codebook_sizes=sizes)
+  jax.block_until_ready(lite_device())
+  lite_device_s = _median_s(lite_device, _REPS.value)
+  lite_host()
+  lite_host_s = _median_s(lite_host, _REF_REPS.value)
+
+  seqs, valid = np.asarray(out.sequences), np.asarray(out.valid)
+  same = (valid == ref_valid) & np.all(seqs == ref_seqs, axis=-1)  # [B, K]
+  catalogue = {tuple(s) for s in sids.tolist()}
+  in_catalogue = all(tuple(s) in catalogue for s in seqs[valid].tolist())
+  logging.info("batch %d: device %.1f ms, host %.1f ms; search only: device %.1f ms, host "
+               "%.1f ms", batch, 1e3 * device_s, 1e3 * host_s, 1e3 * lite_device_s,
+               1e3 * lite_host_s)
+  return dict(batch=batch, device_ms=1e3 * device_s, host_ms=1e3 * host_s,
+              device_recs_per_s=batch / device_s, host_recs_per_s=batch / host_s,
+              speedup=host_s / device_s, prefill_ms=1e3 * prefill_s,
+              device_compile_s=compile_s, agreement=float(same.mean()),
+              valid_beams=float(valid.mean()), all_in_catalogue=bool(in_catalogue),
+              search_only=dict(device_ms=1e3 * lite_device_s, host_ms=1e3 * lite_host_s,
+                               speedup=lite_host_s / lite_device_s))
+
+
+def _constraint_bench(n: int, sizes, rng) -> dict:
+  """ms per decode step of the constraint alone, per level, for an n-item catalogue."""
+  import jax
+  import numpy as np
+
+  from sigma_jax.generate import beam, trie
+  b, k, reps = _CONSTRAINT_BATCH.value, _NUM_BEAMS.value, _CONSTRAINT_REPS.value
+  width = max(sizes)
+  t0 = time.perf_counter()
+  sids = synthetic_sids(rng, n, sizes)
+  host_tables = trie.build_tables(sids, sizes)
+  build_s = time.perf_counter() - t0
+  tables = jax.device_put(host_tables)
+
+  # Nodes a beam can sit on before each level: the root; allowed level-0 codes; depth-l nodes.
+  starts = [np.zeros(1, np.int32), np.flatnonzero(host_tables.mask0).astype(np.int32)]
+  for i in range(len(sizes) - 2):
+    ptr = host_tables.indptr[i]
+    starts.append(np.flatnonzero(ptr[1:] > ptr[:-1]).astype(np.int32))  # nodes with children
+
+  per_level = []
+  for level in range(len(sizes)):
+    fn = jax.jit(lambda tables, node, level=level: beam._level_fns(tables, b, width)[level](node))
+    nodes = jax.device_put(rng.choice(starts[level], size=(reps + 1, b, k)))  # [R+1, B, K]
+    allowed, child = jax.block_until_ready(fn(tables, nodes[reps]))  # compile
+    if level == len(sizes) - 1:  # the sampled CSR nodes must have children to gather
+      assert np.asarray(allowed).any(axis=-1).all()
+    rows = iter(range(reps))
+    per_level.append(1e3 * _median_s(lambda: fn(tables, nodes[next(rows)]), reps))
+  logging.info("constraint %d items: %s ms per level", n, ["%.3f" % t for t in per_level])
+  return dict(items=n, build_s=build_s, ms_per_level=per_level,
+              ms_mean=float(np.mean(per_level)), ms_csr=per_level[-1])
+
+
+def _decode(argv: Sequence[str]) -> dict:
+  """The `decode` benchmark; see the module docstring. Returns the JSON-able result."""
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  levels, c = _LEVELS.value, _CODEBOOK.value
+  if levels < 3:
+    raise app.UsageError("--levels must be >= 3 so that a CSR level exists")
+  sizes = (c,) * levels
+  offsets = tuple(_TEXT_VOCAB.value + l * c for l in range(levels))
+  rng = np.random.default_rng(_SEED.value)
+  t_start = time.perf_counter()
+
+  cfg, graphdef, params = random_decoder(_BACKBONE.value, _TEXT_VOCAB.value + levels * c,
+                                         _SEED.value)
+  sids = synthetic_sids(rng, _ITEMS.value, sizes)
+  search = [_search_bench(cfg, graphdef, params, sids, sizes, offsets, int(bs), rng)
+            for bs in _BATCHES.value]
+
+  empty = jax.jit(lambda x: x + 1)
+  one = jnp.zeros((), jnp.int32)
+  jax.block_until_ready(empty(one))
+  dispatch_ms = 1e3 * _median_s(lambda: empty(one), 200)
+  constraint = [_constraint_bench(int(n), sizes, rng) for n in _CONSTRAINT_ITEMS.value]
+
+  largest = search[-1]
+  return dict(
+      benchmark="decode",
+      setting=dict(
+          search="beam.constrained_beam_search (jitted lax.while_loop, real backbone step on "
+                 "its KV cache, full-vocabulary logits) vs reference.host_beam_search (Python "
+                 "prefix->allowed callback per beam per step, one jitted model call per step), "
+                 "same step_fn, params, prefilled cache and catalogue; prefill untimed",
+          backbone=_BACKBONE.value, vocab_size=int(cfg.vocab_size), levels=levels,
+          codebook_size=c, items=_ITEMS.value, num_beams=_NUM_BEAMS.value,
+          prompt_len=_PROMPT_LEN.value, reps=_REPS.value, ref_reps=_REF_REPS.value,
+          constraint_batch=_CONSTRAINT_BATCH.value, constraint_reps=_CONSTRAINT_REPS.value,
+          init="numpy random (fan-in normal)", seed=_SEED.value),
+      machine=machine_info(),
+      recs_per_s={f"batch_{r['batch']}": dict(device=r["device_recs_per_s"],
+                                              host=r["host_recs_per_s"]) for r in search},
+      speedup=largest["speedup"],
+      speedup_by_batch={f"batch_{r['batch']}": r["speedup"] for r in search},
+      speedup_search_only={f"batch_{r['batch']}": r["search_only"]["speedup"] for r in search},
+      search=search,
+      constraint_ms_per_step={str(r["items"]): r["ms_csr"] for r in constraint},
+      constraint_growth=constraint[-1]["ms_csr"] / constraint[0]["ms_csr"],
+      constraint_growth_mean=constraint[-1]["ms_mean"] / constraint[0]["ms_mean"],
+      constraint=constraint,
+      dispatch_ms=dispatch_ms,
+      wall_s=time.perf_counter() - t_start)
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], dict]] = {"decode": _decode}
+
+
+def main(argv):
+  if len(argv) < 2 or argv[1] not in SUBCOMMANDS:
+    raise app.UsageError(f"usage: python -m launch.benchmark {{{'|'.join(SUBCOMMANDS)}}} "
+                         f"[--flags]; got {argv[1:]}")
+  if len(argv) > 2:
+    raise app.UsageError(f"unexpected arguments: {argv[2:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  result = SUBCOMMANDS[argv[1]](argv[2:])
+  sys.stdout.write(json.dumps(result, sort_keys=True) + "\n")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,67 @@
+"""`launch/benchmark.py decode` at tiny sizes: it runs and prints one JSON line of numbers.
+
+Speed itself is measured by the benchmark, not checked here.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--backbone=tiny", "--text_vocab=60", "--codebook=8", "--items=100", "--batches=1,2",
+        "--num_beams=4", "--prompt_len=6", "--reps=2", "--ref_reps=1",
+        "--constraint_items=50,300", "--constraint_batch=2", "--constraint_reps=3"]
+
+
+def _positive(x):
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_decode_prints_one_json_line_of_positive_numbers():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
+  # One device: the benchmark's numbers are for the real machine, not 8 fake devices.
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=8", "")
+  proc = subprocess.run([sys.executable, "-m", "launch.benchmark", "decode", *TINY],
+                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stdout
+  out = json.loads(lines[0])
+
+  assert out["benchmark"] == "decode"
+  for key in ("jax", "cpu_count", "devices", "backend"):
+    assert out["machine"][key]
+  assert set(out["recs_per_s"]) == {"batch_1", "batch_2"}
+  for rec in out["recs_per_s"].values():
+    assert _positive(rec["device"]) and _positive(rec["host"])
+  assert _positive(out["speedup"])
+  assert all(_positive(v) for v in out["speedup_by_batch"].values())
+  assert all(_positive(v) for v in out["speedup_search_only"].values())
+  for r in out["search"]:
+    for key in ("device_ms", "host_ms", "prefill_ms", "speedup"):
+      assert _positive(r[key]), (key, r)
+    # Both searches return only catalogue SIDs, and (up to float near-ties) the same beams.
+    assert r["all_in_catalogue"] and r["valid_beams"] == 1.0
+    assert r["agreement"] >= 0.5
+  assert set(out["constraint_ms_per_step"]) == {"50", "300"}
+  assert all(_positive(v) for v in out["constraint_ms_per_step"].values())
+  for r in out["constraint"]:
+    assert len(r["ms_per_level"]) == 3 and all(_positive(v) for v in r["ms_per_level"])
+  assert _positive(out["constraint_growth"]) and _positive(out["constraint_growth_mean"])
+  assert _positive(out["dispatch_ms"]) and _positive(out["wall_s"])
+
+
+def test_synthetic_sids_are_distinct_and_in_range():
+  from launch import benchmark
+  sids = benchmark.synthetic_sids(np.random.default_rng(0), 500, (8, 8, 16))
+  assert sids.shape == (500, 3)
+  assert len({tuple(r) for r in sids.tolist()}) == 500
+  assert (sids >= 0).all() and (sids < np.array([8, 8, 16])).all()
+  with pytest.raises(ValueError):
+    benchmark.synthetic_sids(np.random.default_rng(0), 11, (2, 5))
