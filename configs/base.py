@@ -6,7 +6,7 @@ import ml_collections
 
 from sigma_jax.data import tasks
 
-ALL_STAGES = "data"  # grows as stages land: collab, ground, tokenize, ...
+ALL_STAGES = "data,text_tokenizer,collab,ground,tokenize,sft,eval"
 
 
 def axis_rules():

@@ -41,20 +41,32 @@ def rank_examples(gen: gen_lib.Generator, ex, batch_size: int, tau: float | None
 
 
 def task_metrics(ranked: np.ndarray, ex, ds: loader.Dataset, extras: dict) -> dict:
+  """Metrics of one task's ranked lists.
+
+  A list can be shorter than N when the instruction allows fewer items (a narrow Query): the
+  empty slots (-1) are reported as `padding_share`, and the constraint and exploration shares
+  are taken over the filled slots. `invalid_share` counts real errors only — an unknown item or
+  a repeated one — and is 0 by construction.
+  """
   n = ds.num_items
   target = ex.target[:len(ranked)]
   out = M.ranking_metrics(ranked, target, KS, num_items=n)
-  out["invalid_share"] = M.invalid_share(ranked, n)
+  filled = ranked >= 0
+  out["padding_share"] = float(1.0 - filled.mean()) if ranked.size else 0.0
+  out["invalid_share"] = float((~M.valid_mask(ranked, n) & filled).mean()) if ranked.size else 0.0
   out["num_examples"] = int(len(ranked))
   top10 = ranked[:, :10]
+  filled10 = top10 >= 0
   if ex.task in tasks_lib.HARD_CONSTRAINT_TASKS:
-    out["constraint_satisfaction@10"] = M.constraint_satisfaction(
-        top10, ex.allowed_batch(np.arange(len(ranked))))
+    allowed = ex.allowed_batch(np.arange(len(ranked)))  # [M, N]
+    ok = np.take_along_axis(allowed, np.maximum(top10, 0), axis=1) & filled10
+    out["constraint_satisfaction@10"] = float(ok.sum() / max(1, filled10.sum()))
   if ex.task in ("longtail", "discover"):
     out["category_coverage@10"] = M.category_coverage(top10, extras["membership"],
                                                       extras["membership"].shape[1])
     out["intra_list_diversity@10"] = M.intra_list_diversity(top10, extras["membership"])
-    out["long_tail_share@10"] = M.long_tail_share(top10, extras["tail"])
+    out["long_tail_share@10"] = float(
+        (extras["tail"][np.maximum(top10, 0)] & filled10).sum() / max(1, filled10.sum()))
   return out
 
 

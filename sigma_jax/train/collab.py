@@ -1,0 +1,314 @@
+"""Stage ``collab``: trains the SASRec ID model and exports its item table as the frozen v_ID.
+
+Protocol (TIGER's, DESIGN §3): one training example per user — the last ``max_len + 1`` items of
+the user's training part, inputs and targets shifted by one, full-softmax loss at every position.
+Validation and test rank ALL N items by ``last hidden state · item table^T``; items already in the
+history are NOT excluded (TIGER ranks all items too). The epoch is selected on validation only;
+test is evaluated once, at the selected epoch.
+
+Outputs under ``workdir/collab/``:
+  ckpt/           Orbax checkpoints, one per epoch (resume after a kill)
+  metrics.jsonl   one JSON line per epoch (train loss, validation metrics when evaluated)
+  item_emb.npy    [N, D] float32 item table of the best-validation epoch
+  result.json     {"best_epoch", "select_metric", "validation", "test", ...}
+A run whose ``result.json`` exists is not run again.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sigma_jax import pipeline
+from sigma_jax.checkpoint import Checkpointer
+from sigma_jax.data.splits import PAD_ITEM, Splits, left_pad
+from sigma_jax.eval.metrics import ranking_metrics
+from sigma_jax.models.sasrec import SASRec, next_item_loss
+
+KS = (1, 5, 10, 20)
+EVAL_BATCH = 1024
+
+
+def build_examples(train_seqs: list, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """One example per user with at least two training items.
+
+  Args:
+    train_seqs: U arrays of 0-based item indices, oldest first.
+    max_len: L, the input length.
+
+  Returns:
+    (inputs [M, L] int32, targets [M, L] int32), both left-padded with PAD_ITEM;
+    targets[:, t] is the item after inputs[:, t].
+  """
+  windows = [np.asarray(s)[-(max_len + 1):] for s in train_seqs if len(s) >= 2]
+  inputs = left_pad([w[:-1] for w in windows], max_len)
+  targets = left_pad([w[1:] for w in windows], max_len)
+  return inputs, targets
+
+
+def epoch_order(num_examples: int, batch_size: int, seed: int, epoch: int):
+  """The batches of example indices of one epoch, a pure function of (seed, epoch).
+
+  Returns:
+    A grain MapDataset; element ``step`` is that step's [<=batch_size] int index array.
+  """
+  epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+  return (grain.MapDataset.range(num_examples).shuffle(seed=epoch_seed)
+          .batch(batch_size, drop_remainder=False))
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  # Fixed batch shapes: the last, short batch is padded with all-PAD rows (no targets).
+  if len(x) == rows:
+    return x
+  pad = np.full((rows - len(x),) + x.shape[1:], PAD_ITEM, dtype=x.dtype)
+  return np.concatenate([x, pad])
+
+
+def make_batch(inputs: np.ndarray, targets: np.ndarray, batch_size: int,
+               bucket: int = 256) -> dict:
+  """Pads a batch to ``batch_size`` rows and lists its target positions.
+
+  Args:
+    inputs, targets: [b <= batch_size, L] int.
+    batch_size: B.
+    bucket: the number of listed positions P is rounded up to a multiple of this, so only a few
+      shapes are ever compiled.
+
+  Returns:
+    {'inputs' [B, L], 'targets' [B, L], 'positions' [P] flat indices of targets != PAD, -1 after}.
+  """
+  inputs, targets = _pad_rows(inputs, batch_size), _pad_rows(targets, batch_size)
+  pos = np.flatnonzero(targets.reshape(-1) >= 0).astype(np.int32)
+  p = max(bucket, -(-len(pos) // bucket) * bucket)
+  positions = np.full((min(p, targets.size),), -1, np.int32)
+  positions[:len(pos)] = pos
+  return {"inputs": inputs, "targets": targets, "positions": positions}
+
+
+@functools.lru_cache(maxsize=8)
+def make_optimizer(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+  """Adam(W) with b2 = 0.98 as in the original SASRec; cached so equal settings share jit caches."""
+  if weight_decay > 0:
+    return optax.adamw(learning_rate, b1=0.9, b2=0.98, weight_decay=weight_decay)
+  return optax.adam(learning_rate, b1=0.9, b2=0.98)
+
+
+@functools.lru_cache(maxsize=8)
+def make_train_step(graphdef, tx):
+  """Returns jitted ``train_step(state, batch, base_rng) -> (state, metrics)``.
+
+  ``state`` is {'params', 'opt_state', 'step'} and is donated; ``batch`` is {'inputs' [B, L],
+  'targets' [B, L], 'positions' [P]} as made by ``make_batch``. The dropout key is
+  ``fold_in(base_rng, state['step'])``, so a resumed run draws the same keys.
+  """
+  def train_step(state, batch, base_rng):
+    rng = jax.random.fold_in(base_rng, state["step"])
+
+    def loss_fn(params):
+      return next_item_loss(nnx.merge(graphdef, params), batch["inputs"], batch["targets"], rng,
+                            batch["positions"])
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(aux, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+  return jax.jit(train_step, donate_argnames=("state",))
+
+
+def build_model(num_items: int, ccfg, seed: int) -> SASRec:
+  """The SASRec described by ``cfg.collab`` (cheap under ``nnx.eval_shape`` or ``jax.jit``)."""
+  return SASRec(num_items, d_model=ccfg.d_model, num_blocks=ccfg.num_blocks,
+                num_heads=ccfg.num_heads, max_len=int(ccfg.max_len), dropout_rate=ccfg.dropout,
+                rngs=nnx.Rngs(seed))
+
+
+@jax.jit
+def _copy_tree(tree):
+  return jax.tree.map(jnp.copy, tree)
+
+
+@functools.lru_cache(maxsize=8)
+def make_topk_fn(graphdef, k: int):
+  """Returns jitted ``topk(params, hist [B, L]) -> [B, k]`` item indices ranked over all N items."""
+  def topk(params, hist):
+    scores = nnx.merge(graphdef, params).next_item_logits(hist)  # [B, N]
+    return jax.lax.top_k(scores, k)[1]
+  return jax.jit(topk)
+
+
+def evaluate(topk_fn, params, hist: np.ndarray, target: np.ndarray, max_len: int,
+             num_items: int) -> dict:
+  """Full-ranking metrics for histories ``hist`` [U, H] against ``target`` [U]."""
+  hist = np.asarray(hist)[:, -max_len:]
+  ranked = []
+  rows = max(1, min(EVAL_BATCH, len(hist)))
+  for start in range(0, len(hist), rows):
+    chunk = hist[start:start + rows]
+    out = np.asarray(topk_fn(params, _pad_rows(chunk, rows)))
+    ranked.append(out[:len(chunk)])
+  ranked = np.concatenate(ranked) if ranked else np.zeros((0, max(KS)), np.int32)
+  return ranking_metrics(ranked, target, KS, num_items=num_items)
+
+
+def _write_atomic(path: str, write_fn) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "wb") as f:
+    write_fn(f)
+  os.replace(tmp, path)
+
+
+def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
+                 max_epochs_this_run: int | None = None) -> dict:
+  """Trains (or resumes, or skips) the collaborative model and writes its artifacts.
+
+  Args:
+    cfg: the experiment config; reads ``cfg.seed`` and ``cfg.collab`` (d_model, num_blocks,
+      num_heads, dropout, max_len, epochs, batch_size, learning_rate, weight_decay, eval_every,
+      patience, and optionally select_metric, default 'ndcg@10').
+    splits: leave-one-out splits.
+    workdir: the run's work directory; this stage writes under ``workdir/collab``.
+    progress: show a tqdm bar.
+    max_epochs_this_run: stop (unfinished, resumable) after this many epochs in this call — for
+      time-limited jobs; None runs to the end.
+
+  Returns:
+    The result dict (as in result.json); {'finished': False, 'epoch': e} when stopped early by
+    ``max_epochs_this_run``.
+  """
+  ccfg = cfg.collab
+  out_dir = os.path.join(workdir, "collab")
+  os.makedirs(out_dir, exist_ok=True)
+  result_path = os.path.join(out_dir, "result.json")
+  emb_path = os.path.join(out_dir, "item_emb.npy")
+  metrics_path = os.path.join(out_dir, "metrics.jsonl")
+  if os.path.exists(result_path) and os.path.exists(emb_path):
+    logging.info("collab: %s exists; stage already finished", result_path)
+    with open(result_path) as f:
+      return json.load(f)
+
+  select = ccfg.get("select_metric", "ndcg@10")
+  seed = int(cfg.seed)
+  n = splits.num_items
+  max_len = int(ccfg.max_len)
+  bs = int(ccfg.batch_size)
+  inputs, targets = build_examples(splits.train_seqs, max_len)
+  num_ex = len(inputs)
+  if num_ex == 0:
+    raise ValueError("no user has two training items; nothing to train the collab model on")
+  steps_per_epoch = math.ceil(num_ex / bs)
+
+  def init_state():
+    params = nnx.split(build_model(n, ccfg, seed), nnx.Param)[1]
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    # best_params is a separate buffer: the live params are donated to every train step.
+    return {"train": state, "best_params": jax.tree.map(jnp.copy, params)}
+
+  tx = make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
+  graphdef = nnx.split(nnx.eval_shape(lambda: build_model(n, ccfg, seed)), nnx.Param)[0]
+  train_step = make_train_step(graphdef, tx)
+  topk_fn = make_topk_fn(graphdef, max(KS))
+  # One explicit device, so fresh and restored states have the same sharding (no recompiles).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          jax.eval_shape(init_state))
+  meta = {"epoch": 0, "best_epoch": 0, "best_value": None, "history": [], "done": False}
+
+  ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2)
+  restored = ckpt.restore(abstract)
+  if restored is None:
+    # One compiled init instead of one dispatch per parameter.
+    tree = jax.jit(init_state, out_shardings=device)()
+  else:
+    _, tree, meta = restored
+    logging.info("collab: resumed after epoch %d", meta["epoch"])
+  state, best_params = tree["train"], tree["best_params"]
+  # metrics.jsonl is rebuilt from the checkpoint so lines written after it (then killed) go.
+  _write_atomic(metrics_path, lambda f: f.write(
+      "".join(json.dumps(h) + "\n" for h in meta["history"]).encode()))
+
+  # seed itself initialises the parameters. RBG keys: the train step compiles several times
+  # faster than with threefry, whose dropout-mask kernels dominate XLA CPU compile time.
+  base_rng = jax.random.key(seed + 1, impl="rbg")
+  bar = tqdm(total=ccfg.epochs * steps_per_epoch, initial=meta["epoch"] * steps_per_epoch,
+             disable=not progress, desc="collab", dynamic_ncols=True)
+  epochs_run = 0
+  try:
+    while not meta["done"]:
+      epoch = meta["epoch"] + 1
+      t0 = time.time()
+      order = epoch_order(num_ex, bs, seed, epoch)
+      losses = []
+      for step in range(steps_per_epoch):
+        idx = order[step]
+        state, m = train_step(state, make_batch(inputs[idx], targets[idx], bs), base_rng)
+        losses.append(m["loss"])
+        bar.update(1)
+        if step % 20 == 0:
+          bar.set_postfix(epoch=epoch, loss=f"{float(m['loss']):.3f}")
+      record = {"epoch": epoch, "step": int(state["step"]),
+                "train_loss": float(np.mean(jax.device_get(losses))),
+                "train_s": round(time.time() - t0, 2)}
+      if epoch % ccfg.eval_every == 0 or epoch == ccfg.epochs:
+        val = evaluate(topk_fn, state["params"], splits.valid_hist, splits.valid_target,
+                       max_len, n)
+        record["validation"] = val
+        if meta["best_value"] is None or val[select] > meta["best_value"]:
+          meta["best_value"], meta["best_epoch"] = val[select], epoch
+          # Copied: the live params are donated to the next train step.
+          best_params = _copy_tree(state["params"])
+        bar.write(f"collab epoch {epoch}: loss {record['train_loss']:.4f} "
+                  f"val {select} {val[select]:.4f} (best {meta['best_value']:.4f} "
+                  f"@ {meta['best_epoch']})")
+      record["time_s"] = round(time.time() - t0, 2)
+      meta["history"].append(record)
+      meta["epoch"] = epoch
+      stop_early = epoch - meta["best_epoch"] >= ccfg.patience
+      meta["done"] = epoch >= ccfg.epochs or stop_early
+      meta.update(seed=seed, config=ccfg.to_dict(), select_metric=select,
+                  data_position={"seed": seed, "epoch": epoch + 1, "step": 0})
+      ckpt.save(epoch, {"train": state, "best_params": best_params}, meta)
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      epochs_run += 1
+      if not meta["done"] and max_epochs_this_run is not None and \
+          epochs_run >= max_epochs_this_run:
+        return {"finished": False, "epoch": epoch}
+  finally:
+    bar.close()
+    ckpt.close()  # waits for the last asynchronous save
+
+  best = meta["best_epoch"]
+  val = next(h["validation"] for h in meta["history"] if h["epoch"] == best)
+  test = evaluate(topk_fn, best_params, splits.test_hist, splits.test_target, max_len, n)
+  emb = np.asarray(nnx.merge(graphdef, best_params).item_embeddings(), dtype=np.float32)
+  result = {"best_epoch": best, "select_metric": select, "epochs_run": meta["epoch"],
+            "validation": val, "test": test,
+            "protocol": "leave-one-out; one example per user (last max_len+1 training items, "
+                        "loss at every position); full ranking over all items, history items "
+                        "not excluded; epoch selected on validation"}
+  _write_atomic(emb_path, lambda f: np.save(f, emb))
+  _write_atomic(result_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
+  return result
+
+
+@pipeline.stage("collab")
+def run_collab(cfg, workdir: str) -> dict:
+  """Stage ``collab``: SASRec over the training split; writes the frozen `v_ID` table."""
+  from sigma_jax.data import loader  # the data stage's dataset, with its leave-one-out splits
+  ds = loader.load_dataset(cfg, workdir)
+  result = train_collab(cfg, ds.splits, workdir, progress=bool(cfg.get("progress", True)))
+  return {"best_epoch": result["best_epoch"],
+          "validation": {k: result["validation"][k] for k in ("recall@10", "ndcg@10")},
+          "test": {k: result["test"][k] for k in ("recall@10", "ndcg@10")}}
