@@ -23,6 +23,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger().setLevel(logging.INFO)
+  # Orbax and TFDS log every checkpoint and file operation through absl at INFO; keep their
+  # warnings, drop the chatter, so the progress bars and stage messages stay readable.
+  logging.getLogger("absl").setLevel(logging.WARNING)
   from sigma_jax import pipeline  # after flags, so JAX starts with the user's environment
   summaries = pipeline.run(_CONFIG.value, _WORKDIR.value)
   json.dump(summaries, sys.stdout, indent=2, sort_keys=True)
