@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.tau = 0.07  # InfoNCE temperature of L_ID
   c.sft.hard_negatives = 4  # per query, from the target's prefix bucket
   c.sft.projfuse_hidden = 256
+  c.sft.tasks = ""  # comma-separated tasks to train on; empty: every task the data allows
   c.sft.every_position = True  # JustForYou: loss at every history position in one pass
   c.sft.extra_features = ""  # comma-separated .npy [N, d] matrices for ProjFuse
   c.sft.log_every = 25
@@ -133,6 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.generation.fuse = True  # APF; False: the un-fused ranking (ablation)
   c.generation.apf_tau = 0.01  # τ of APF: item logits are cos · σ(φ) / τ
   c.generation.eval_batch = 64
+  c.generation.eval_tasks = ""  # comma-separated tasks to evaluate; empty: every available
   c.generation.eval_limit = 0  # evaluate at most this many examples per task and split; 0: all
 
   c.tokenizer = ml_collections.ConfigDict()

@@ -99,7 +99,8 @@ def load_generator(cfg, workdir: str, mode=None, fuse=None):
 def run_eval(cfg, workdir: str) -> dict:
   ds, gen, step = load_generator(cfg, workdir)
   limit = int(cfg.generation.eval_limit) or None
-  results = evaluate(cfg, ds, gen, limit=limit, progress=bool(cfg.get("progress", True)))
+  results = evaluate(cfg, ds, gen, task_names=sft.task_list(cfg.generation.eval_tasks),
+                     limit=limit, progress=bool(cfg.get("progress", True)))
   g = cfg.generation
   available, unavailable = tasks_lib.available_tasks(ds)
   out = {"tasks": results, "mode": gen.mode, "fused": gen.spec.fuse, "sft_step": int(step),

@@ -22,11 +22,11 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sigma_jax import checkpoint, parallel, pipeline, utils
+from sigma_jax import checkpoint, config_checks, parallel, pipeline, utils
 from sigma_jax.data import loader, prompts, tasks, text
 from sigma_jax.models import projfuse, sigma
 from sigma_jax.train import optim, tokenize as tokenize_stage
-from sigma_jax.train.ground import NonFiniteLossError
+from sigma_jax.train.ground import check_finite
 
 MODES = ("sigma", "gr_sid", "gr_id")
 
@@ -89,6 +89,12 @@ def build_model(cfg, assets: Assets, mesh):
       cfg.axis_rules)
 
 
+def task_list(spec: str):
+  """'a,b' -> ['a', 'b']; '' -> None (every available task)."""
+  names = [t.strip() for t in (spec or "").split(",") if t.strip()]
+  return names or None
+
+
 @dataclasses.dataclass
 class Example:
   history: np.ndarray
@@ -100,7 +106,7 @@ class Example:
 
 def training_examples(cfg, ds: loader.Dataset, assets: Assets) -> tuple[list, dict]:
   """All training examples, in a fixed order, and the per-task counts."""
-  built = tasks.build_tasks(ds, cfg.tasks, "train")
+  built = tasks.build_tasks(ds, cfg.tasks, "train", tasks=task_list(cfg.sft.tasks))
   examples, counts = [], {}
   every = bool(cfg.sft.every_position) and assets.mode != "gr_sid"
   h = int(cfg.dataset.max_history)
@@ -147,10 +153,7 @@ def run_sft(cfg, workdir: str) -> dict:
   mesh = parallel.make_mesh(cfg.mesh)
   rules = cfg.axis_rules
   batch_size = int(s.batch_size)
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % dp:
-    raise ValueError(f"sft.batch_size={batch_size} is not divisible by the {dp} data-parallel "
-                     "devices (mesh.data x mesh.fsdp)")
+  config_checks.check_batch_divisible("sft.batch_size", batch_size, mesh)
   steps_per_epoch = loader.steps_per_epoch(len(examples), batch_size)
   total = int(s.epochs * steps_per_epoch) if s.steps <= 0 else int(s.steps)
   graphdef, state, state_sh, tx, schedule = init_state(cfg, assets, mesh, total)
@@ -187,6 +190,7 @@ def run_sft(cfg, workdir: str) -> dict:
   bar = tqdm(total=total, initial=meta["step"], desc="sft", dynamic_ncols=True,
              disable=not cfg.get("progress", True))
   t0, tokens_seen = time.time(), 0
+  pending = []  # (step, metrics) not yet checked for NaN/Inf
   try:
     while meta["step"] < total:
       step = meta["step"]
@@ -195,21 +199,21 @@ def run_sft(cfg, workdir: str) -> dict:
       tokens_seen += int(batch["attn_mask"].sum())
       state, m = step_fn(state, parallel.shard_batch(batch, mesh, rules), feats)
       meta["step"] = step + 1
+      pending.append((meta["step"], m))
       bar.update(1)
       done = meta["step"] == total
+      save = meta["step"] % int(s.ckpt_every) == 0 or done
+      if meta["step"] % int(s.log_every) == 0 or save:
+        check_finite("sft", pending, ckpt)
       if meta["step"] % int(s.log_every) == 0 or done:
         m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not all(np.isfinite(v) for v in m.values()):
-          raise NonFiniteLossError(f"stage sft, step {meta['step']}: non-finite loss or "
-                                   f"gradient {m}; last good checkpoint: step "
-                                   f"{ckpt.latest_step()}")
         dt = max(1e-9, time.time() - t0)
         rec = dict(m, step=meta["step"], epoch=meta["step"] / steps_per_epoch,
                    tokens_per_s=tokens_seen / dt, lr=float(schedule(meta["step"])))
         t0, tokens_seen = time.time(), 0
         utils.append_jsonl(metrics_path, rec)
         bar.set_postfix(loss=f"{m['loss']:.3f}", ntp=f"{m['ntp']:.2f}", id=f"{m['id']:.2f}")
-      if meta["step"] % int(s.ckpt_every) == 0 or done:
+      if save:
         ckpt.save(meta["step"], state, dict(meta, mode=assets.mode))
   finally:
     bar.close()
