@@ -27,6 +27,8 @@ _ROWS = flags.DEFINE_list("rows", ["collab", "gr_sid", "gr_id", "sigma", "sigma_
                                    "sigma_no_apf"], "Rows to run.")
 _TAUS = flags.DEFINE_list("taus", ["0.003", "0.01", "0.03", "0.1"],
                           "APF temperatures tried on validation.")
+_TAU_LIMIT = flags.DEFINE_integer("tau_limit", 0, "Validation examples per task used to choose "
+                                  "τ (0: all); test always uses every example.")
 _OUT = flags.DEFINE_string("out", "docs/results", "Directory for <dataset>.json and .md.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -67,7 +69,7 @@ def _select_tau(cfg, rdir: str, taus) -> dict:
   from sigma_jax.train import sft
   ds, gen, _ = eval_stage.load_generator(cfg, rdir)
   names = sft.task_list(cfg.generation.eval_tasks)
-  limit = int(cfg.generation.eval_limit) or None
+  limit = int(_TAU_LIMIT.value or cfg.generation.eval_limit) or None
   sweep, start = {}, time.time()
   for tau in taus:
     res = eval_stage.evaluate(cfg, ds, gen, splits=("validation",), task_names=names,
@@ -75,6 +77,7 @@ def _select_tau(cfg, rdir: str, taus) -> dict:
     sweep[str(tau)] = sum(r["validation"]["ndcg@10"] for r in res.values()) / len(res)
   best = max(sweep, key=sweep.get)
   out = {"validation_mean_ndcg@10": sweep, "chosen_tau": float(best),
+         "validation_examples_per_task": "all" if limit is None else limit,
          "wall_time_s": round(time.time() - start, 1)}
   utils.write_json(path, out)
   return out
