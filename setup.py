@@ -25,6 +25,8 @@ setuptools.setup(
         "etils[epath]>=1.7",
         "importlib_resources>=6.0",  # tensorflow-datasets needs it but does not declare it
         "tqdm>=4.66",
+        "matplotlib==3.11.2",  # sigma_jax.plots
     ],
-    extras_require={"test": ["pytest>=8.0"]},
+    extras_require={"test": ["pytest>=8.0", "nbclient==0.11.0", "nbformat==5.11.1",
+                             "ipykernel==7.4.0"]},
 )

@@ -122,3 +122,20 @@ def test_retrieval_then_fusion_has_no_duplicates():
       got = np.asarray(ranked.items[b])[np.asarray(ranked.valid[b])]
       assert len(got) == len(set(got.tolist()))
       assert set(prefix_ids[got].tolist()) <= set(pids[b].tolist())
+
+
+def test_bucket_retrieval_masks_disallowed_items_before_top_m():
+  # One bucket of 6 items, M = 2; only items 4 and 5 (the two with the lowest cosine) are
+  # allowed. Masking after the top M would return nothing; masking before returns both.
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(6, 4)).astype(np.float32)
+  h = emb[0][None, None, :]  # [1, 1, D]: item 0 is the best match
+  cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (h[0, 0] / np.linalg.norm(h))
+  order = np.argsort(-cos)
+  allowed = np.zeros((1, 6), bool)
+  allowed[0, order[-2:]] = True
+  items, c = fusion.bucket_retrieval(jnp.asarray(h), jnp.zeros((1, 1), jnp.int32),
+                                     jnp.arange(6, dtype=jnp.int32)[None], jnp.asarray(emb), 2,
+                                     jnp.asarray(allowed))
+  assert sorted(np.asarray(items)[0, 0].tolist()) == sorted(order[-2:].tolist())
+  np.testing.assert_allclose(np.asarray(c)[0, 0], np.sort(cos[order[-2:]])[::-1], rtol=1e-5)

@@ -60,7 +60,8 @@ def _normalize(x: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("num_items",))
 def bucket_retrieval(h: jax.Array, prefix_ids: jax.Array, bucket_table: jax.Array,
-                     item_emb: jax.Array, num_items: int) -> tuple[jax.Array, jax.Array]:
+                     item_emb: jax.Array, num_items: int,
+                     allowed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Exact cosine top-M among the items of each prefix's bucket.
 
   Args:
@@ -70,6 +71,9 @@ def bucket_retrieval(h: jax.Array, prefix_ids: jax.Array, bucket_table: jax.Arra
       (`models.rq.prefix_buckets`).
     item_emb: [N, D] item keys v̂ (normalised here, so any scale is fine).
     num_items: M.
+    allowed: optional [B, N] bool, the items each example may return (an instruction's
+      constraint). The others are dropped before the top M, so a narrow constraint keeps every
+      allowed item of the bucket.
 
   Returns:
     items [B, K, M] int32 (-1 padding), cos [B, K, M] float32 (NEG_INF padding), each bucket
@@ -77,6 +81,9 @@ def bucket_retrieval(h: jax.Array, prefix_ids: jax.Array, bucket_table: jax.Arra
   """
   rows = jnp.take(bucket_table, jnp.maximum(prefix_ids, 0), axis=0)  # [B, K, Bmax]
   rows = jnp.where(prefix_ids[..., None] >= 0, rows, -1).astype(jnp.int32)
+  if allowed is not None:
+    ok = jnp.take_along_axis(allowed[:, None, :], jnp.maximum(rows, 0), axis=2)  # [B, K, Bmax]
+    rows = jnp.where(ok, rows, -1)
   if rows.shape[-1] < num_items:
     rows = jnp.pad(rows, ((0, 0), (0, 0), (0, num_items - rows.shape[-1])), constant_values=-1)
   keys = _normalize(jnp.take(item_emb, jnp.maximum(rows, 0), axis=0).astype(jnp.float32))

@@ -107,11 +107,9 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
                     jnp.full((b * k,), spec.query_token, jnp.int32)], axis=1)  # [BK, 2]
   h, _ = model.backbone(q_in, cache=res.cache)
   q = model.query(h[:, 1]).reshape(b, k, -1)  # [B, K, D]
-  cand, cos = fusion.bucket_retrieval(q, res.prefix_ids, bucket_table, item_keys, spec.top_m)
   # Items of a prefix bucket that break the instruction's constraint never reach the ranking.
-  ok_item = jnp.take_along_axis(allowed[:, None, :], jnp.maximum(cand, 0), axis=2) & (cand >= 0)
-  cand = jnp.where(ok_item, cand, -1)
-  cos = jnp.where(ok_item, cos, NEG_INF)
+  cand, cos = fusion.bucket_retrieval(q, res.prefix_ids, bucket_table, item_keys, spec.top_m,
+                                      allowed)
   if spec.fuse:
     return fusion.apf_rank(res.scores, res.valid, cand, cos, tau, spec.top_n)
   return fusion.unfused_rank(res.scores, res.valid, cand, cos, spec.top_n)
