@@ -52,6 +52,8 @@ def is_done(workdir: str, name: str) -> bool:
 
 def run(cfg, workdir: str) -> dict:
   """Runs the stages of ``cfg.stages`` in order; returns each stage's summary."""
+  from sigma_jax import config_checks  # imported here: it imports the stage modules
+  config_checks.validate(cfg, workdir)  # contradictions are errors before any work is done
   os.makedirs(workdir, exist_ok=True)
   summaries = {}
   for name in parse_stages(cfg.stages):

@@ -103,7 +103,9 @@ def semantic_pairs(items, seed: int, per_item: int = 4, max_group: int = 2000) -
       # The full path: a leaf name can repeat under different parents; for MovieLens it is the
       # genre combination, a much finer grouping than any single genre.
       by_leaf[tuple(it.category_path)].append(idx)
-    for w in title_terms(it.title):
+    # Sorted: a set of strings iterates in PYTHONHASHSEED order, which would reorder the groups
+    # and so the random partners drawn for them, a different pair pool in every process.
+    for w in sorted(title_terms(it.title)):
       by_term[w].append(idx)
     for t in it.tags:
       by_tag[t].append(idx)

@@ -30,11 +30,12 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sigma_jax import pipeline
+from sigma_jax import pipeline, utils
 from sigma_jax.checkpoint import Checkpointer
 from sigma_jax.data.splits import PAD_ITEM, Splits, left_pad
 from sigma_jax.eval.metrics import ranking_metrics
 from sigma_jax.models.sasrec import SASRec, next_item_loss
+from sigma_jax.train.ground import check_finite
 
 KS = (1, 5, 10, 20)
 EVAL_BATCH = 1024
@@ -163,10 +164,7 @@ def evaluate(topk_fn, params, hist: np.ndarray, target: np.ndarray, max_len: int
 
 
 def _write_atomic(path: str, write_fn) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    write_fn(f)
-  os.replace(tmp, path)
+  utils.atomic_write(path, write_fn, "wb")
 
 
 def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
@@ -249,14 +247,17 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
       epoch = meta["epoch"] + 1
       t0 = time.time()
       order = epoch_order(num_ex, bs, seed, epoch)
-      losses = []
+      losses, pending = [], []
       for step in range(steps_per_epoch):
         idx = order[step]
         state, m = train_step(state, make_batch(inputs[idx], targets[idx], bs), base_rng)
         losses.append(m["loss"])
+        pending.append(((epoch - 1) * steps_per_epoch + step + 1, m))
         bar.update(1)
         if step % 20 == 0:
           bar.set_postfix(epoch=epoch, loss=f"{float(m['loss']):.3f}")
+      # Before evaluating or saving: a non-finite epoch must never become a checkpoint.
+      check_finite("collab", pending, ckpt)
       record = {"epoch": epoch, "step": int(state["step"]),
                 "train_loss": float(np.mean(jax.device_get(losses))),
                 "train_s": round(time.time() - t0, 2)}

@@ -28,6 +28,25 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced NaN or Inf; the last good checkpoint is left untouched."""
 
 
+def check_finite(stage: str, pending: list, ckpt) -> None:
+  """Raises `NonFiniteLossError` naming the first step whose loss or gradient is NaN or Inf.
+
+  Args:
+    stage: the stage name, for the message.
+    pending: (step, metrics) pairs not checked yet, metrics as device scalars; emptied when all
+      are finite. Training code calls this before every checkpoint save (and log line), so every
+      step since the last check is covered, not only the logged ones.
+    ckpt: the stage's `Checkpointer` (asked for the last good step only on failure).
+  """
+  for step, m in jax.device_get(pending):
+    bad = {k: float(v) for k, v in m.items() if not np.all(np.isfinite(v))}
+    if bad:
+      raise NonFiniteLossError(
+          f"stage {stage}, step {step}: non-finite loss or gradient {bad}; training stopped, "
+          f"last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}")
+  pending.clear()
+
+
 def load_item_id_embeddings(workdir: str, num_items: int) -> np.ndarray:
   """The frozen `v_ID` table written by the ``collab`` stage."""
   path = os.path.join(workdir, "collab", "item_emb.npy")
@@ -62,6 +81,31 @@ def _model_cfg(cfg, vocab_size: int):
   return m
 
 
+def make_train_step(graphdef, tx, v_id, tau: float, kd_weight: float, mesh, rules, state_sh,
+                    batch_sh):
+  """Jitted ``step(state, batch) -> (state, metrics)`` of the grounding loss; state is donated.
+
+  ``state`` is {'params', 'opt', 'step', 'best_emb'} with shardings ``state_sh``; ``batch`` is
+  {'tokens' [2B, T], 'mask' [2B, T], 'items' [2B]} with shardings ``batch_sh``; ``v_id`` [N, D]
+  is the L2-normalised frozen ID table.
+  """
+  def loss_fn(p, batch):
+    v_text = nnx.merge(graphdef, p)(batch["tokens"], batch["mask"])
+    return grounding.grounding_loss(v_text, v_id[batch["items"]], batch["items"], tau,
+                                    kd_weight)
+
+  def train_step(st, batch):
+    with parallel.activation_sharding(mesh, rules):
+      (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch)
+    updates, opt = tx.update(grads, st["opt"], st["params"])
+    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
+    return dict(st, params=optax.apply_updates(st["params"], updates), opt=opt,
+                step=st["step"] + 1), metrics
+
+  return jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=0)
+
+
 @pipeline.stage("ground")
 def run_ground(cfg, workdir: str) -> dict:
   g = cfg.ground
@@ -93,21 +137,8 @@ def run_ground(cfg, workdir: str) -> dict:
   batch_sh = {k: parallel.batch_sharding(mesh, nd, rules)
               for k, nd in (("tokens", 2), ("mask", 2), ("items", 1))}
 
-  def loss_fn(p, batch):
-    v_text = nnx.merge(graphdef, p)(batch["tokens"], batch["mask"])
-    return grounding.grounding_loss(v_text, v_id[batch["items"]], batch["items"],
-                                    float(g.tau), float(g.kd_weight))
-
-  def train_step(st, batch):
-    with parallel.activation_sharding(mesh, rules):
-      (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch)
-    updates, opt = tx.update(grads, st["opt"], st["params"])
-    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
-    return dict(st, params=optax.apply_updates(st["params"], updates), opt=opt,
-                step=st["step"] + 1), metrics
-
-  step_fn = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
-                    out_shardings=(state_sh, repl), donate_argnums=0)
+  step_fn = make_train_step(graphdef, tx, v_id, float(g.tau), float(g.kd_weight), mesh, rules,
+                            state_sh, batch_sh)
   encode = jax.jit(lambda p, t, m: nnx.merge(graphdef, p)(t, m), out_shardings=repl)
 
   def embed_all(p) -> np.ndarray:
@@ -140,6 +171,7 @@ def run_ground(cfg, workdir: str) -> dict:
   bar = tqdm(total=steps, initial=meta["step"], desc="ground", dynamic_ncols=True,
              disable=not cfg.get("progress", True))
   t0, last_log = time.time(), meta["step"]
+  pending = []  # (step, metrics) not yet checked for NaN/Inf
   try:
     while meta["step"] < steps:
       step = meta["step"]
@@ -149,14 +181,14 @@ def run_ground(cfg, workdir: str) -> dict:
                                    mesh, rules)
       state, m = step_fn(state, batch)
       meta["step"] = step + 1
+      pending.append((meta["step"], m))
       bar.update(1)
       done = meta["step"] == steps
+      save = meta["step"] % int(g.ckpt_every) == 0 or done
+      if meta["step"] % int(g.log_every) == 0 or save:
+        check_finite("ground", pending, ckpt)
       if meta["step"] % int(g.log_every) == 0 or done:
         m = jax.device_get(m)
-        if not all(np.isfinite(v) for v in m.values()):
-          raise NonFiniteLossError(f"stage ground, step {meta['step']}: non-finite loss or "
-                                   f"gradient {m}; last good checkpoint: step "
-                                   f"{ckpt.latest_step()}")
         rate = (meta["step"] - last_log) / max(1e-9, time.time() - t0)
         t0, last_log = time.time(), meta["step"]
         rec = {"step": meta["step"], **{k: float(v) for k, v in m.items()},
@@ -169,7 +201,7 @@ def run_ground(cfg, workdir: str) -> dict:
             state["best_emb"] = jax.device_put(emb, repl)
         utils.append_jsonl(metrics_path, rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}")
-      if meta["step"] % int(g.ckpt_every) == 0 or done:
+      if save:
         ckpt.save(meta["step"], state, meta)
   finally:
     bar.close()

@@ -140,6 +140,28 @@ def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng) -> dic
                          assets.bucket_sizes, rng)
 
 
+def make_train_step(graphdef, tx, mu: float, tau: float, mesh, rules, state_sh, batch_sh):
+  """Jitted ``step(state, batch, feats) -> (state, metrics)`` of L_NTP + mu L_ID.
+
+  ``state`` ({'params', 'opt', 'step'}, shardings ``state_sh``) is donated; ``batch`` is a
+  ``make_batch`` dict with shardings ``batch_sh``; ``feats`` [N, F] is replicated.
+  """
+  repl = parallel.replicated(mesh)
+
+  def train_step(st, batch, feats):
+    def loss_fn(p):
+      return sigma.sft_loss(nnx.merge(graphdef, p), batch, feats, mu, tau)
+    with parallel.activation_sharding(mesh, rules):
+      (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"])
+    updates, opt = tx.update(grads, st["opt"], st["params"])
+    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
+    return dict(params=optax.apply_updates(st["params"], updates), opt=opt,
+                step=st["step"] + 1), metrics
+
+  return jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl),
+                 out_shardings=(state_sh, repl), donate_argnums=0)
+
+
 @pipeline.stage("sft")
 def run_sft(cfg, workdir: str) -> dict:
   s = cfg.sft
@@ -159,23 +181,11 @@ def run_sft(cfg, workdir: str) -> dict:
   graphdef, state, state_sh, tx, schedule = init_state(cfg, assets, mesh, total)
   repl = parallel.replicated(mesh)
   feats = jax.device_put(jnp.asarray(assets.feats), repl)
-  mu, tau = float(s.mu), float(s.tau)
-
-  def train_step(st, batch, feats):
-    def loss_fn(p):
-      return sigma.sft_loss(nnx.merge(graphdef, p), batch, feats, mu, tau)
-    with parallel.activation_sharding(mesh, rules):
-      (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"])
-    updates, opt = tx.update(grads, st["opt"], st["params"])
-    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
-    return dict(params=optax.apply_updates(st["params"], updates), opt=opt,
-                step=st["step"] + 1), metrics
-
   sample = make_batch(examples, np.arange(batch_size) % len(examples), assets, cfg,
                       np.random.default_rng(0))
   batch_sh = {k: parallel.batch_sharding(mesh, v.ndim, rules) for k, v in sample.items()}
-  step_fn = jax.jit(train_step, in_shardings=(state_sh, batch_sh, repl),
-                    out_shardings=(state_sh, repl), donate_argnums=0)
+  step_fn = make_train_step(graphdef, tx, float(s.mu), float(s.tau), mesh, rules, state_sh,
+                            batch_sh)
 
   ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2)
   meta = {"step": 0}
@@ -240,10 +250,28 @@ def init_state(cfg, assets: Assets, mesh, total_steps: int):
 
 
 def load_params(cfg, workdir: str, assets: Assets, mesh):
-  """(graphdef, params, step) of the newest SFT checkpoint, restored sharded."""
-  graphdef, state, _, _, _ = init_state(cfg, assets, mesh, 1)
+  """(graphdef, params, step) of the newest SFT checkpoint, restored sharded.
+
+  The restore target is abstract (shapes, dtypes, shardings): nothing is initialised or
+  compiled just to be overwritten, which keeps serving start-up short.
+  """
+  mcfg = model_config(cfg, assets)
+  feat_dim, hidden = assets.feats.shape[1], int(cfg.sft.projfuse_hidden)
+  rules = cfg.axis_rules
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: sigma.SigmaModel(mcfg, feat_dim, hidden, rngs=nnx.Rngs(int(cfg.seed)))))
+  shardings = parallel.state_shardings(abstract, mesh, rules)
+  params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        abstract, shardings)
+  tx, _ = optim.make_optimizer(cfg.sft.learning_rate, cfg.sft.warmup_steps, 1,
+                               cfg.sft.weight_decay)
+  opt_sh = parallel.optimizer_shardings(tx, params, shardings, mesh)
+  opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                     jax.eval_shape(tx.init, params), opt_sh)
+  target = {"params": params, "opt": opt,
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh))}
   with checkpoint.Checkpointer(os.path.join(workdir, "sft", "ckpt"), max_to_keep=2) as ckpt:
-    restored = ckpt.restore(state)
+    restored = ckpt.restore(target)
   if restored is None:
     raise FileNotFoundError(f"{workdir}/sft/ckpt has no checkpoint: run the 'sft' stage first")
   step, state, _ = restored

@@ -22,14 +22,19 @@ from sigma_jax.models import rq
 SOURCES = {"grounded": "item_text_emb.npy", "raw": "raw_text_emb.npy"}
 
 
-def check_config(tok_cfg, num_items: int) -> None:
-  """Contradictory tokenizer settings are errors, said before any work."""
+def check_config(tok_cfg, num_items: int | None = None) -> None:
+  """Contradictory tokenizer settings are errors, said before any work.
+
+  With ``num_items`` None (the catalogue not built yet) only the data-free checks run.
+  """
   levels, size, prefix = int(tok_cfg.levels), int(tok_cfg.codebook_size), int(tok_cfg.prefix_len)
   if levels < 1:
     raise ValueError(f"tokenizer.levels must be >= 1, got {levels}")
   if not 0 <= prefix <= levels:
     raise ValueError(f"tokenizer.prefix_len={prefix} must be between 0 and tokenizer.levels="
                      f"{levels} (the SID depth)")
+  if num_items is None:
+    return
   if size > num_items:
     raise ValueError(f"tokenizer.codebook_size={size} is larger than the catalogue ({num_items} "
                      "items): most codes could never be used; lower it")
