@@ -17,6 +17,10 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: runs real data or a subprocess (still runs in CI)")
+  # One persistent JAX compilation cache for every subprocess run of the session: the pipeline
+  # runs (fixture, kill-and-resume, CLI, notebook) compile the same programs.
+  import tempfile
+  os.environ.setdefault("SIGMA_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="sigma_jax_cache_"))
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +48,7 @@ def run_train(workdir, *overrides, config="configs/demo.py", timeout=600, check=
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   env["JAX_PLATFORMS"] = "cpu"
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["SIGMA_TEST_JAX_CACHE"])
   out = subprocess.run(
       [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}",
        *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
