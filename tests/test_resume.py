@@ -36,6 +36,10 @@ def _start(workdir):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   env["JAX_PLATFORMS"] = "cpu"
+  # The session's compilation cache: restarts reuse the programs instead of recompiling. Kills
+  # land during training steps, after compilation; a torn cache entry would only be a warning
+  # and a recompile (JAX treats unreadable entries as misses).
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["SIGMA_TEST_JAX_CACHE"])
   cmd = [sys.executable, "-m", "launch.train", "--config=configs/demo.py",
          f"--workdir={workdir}", *FAST_DEMO, *CKPT_OVERRIDES]
   log = open(os.path.join(os.path.dirname(workdir), f"log.{time.time_ns()}.txt"), "w+")
