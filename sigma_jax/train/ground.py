@@ -98,7 +98,7 @@ def make_train_step(graphdef, tx, v_id, tau: float, kd_weight: float, mesh, rule
     with parallel.activation_sharding(mesh, rules):
       (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"], batch)
     updates, opt = tx.update(grads, st["opt"], st["params"])
-    metrics = dict(parts, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(parts, loss=loss, grad_norm=optax.tree.norm(grads))
     return dict(st, params=optax.apply_updates(st["params"], updates), opt=opt,
                 step=st["step"] + 1), metrics
 
