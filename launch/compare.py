@@ -14,6 +14,7 @@ finished stages and rows are skipped.
 import json
 import os
 import platform
+import sys
 import time
 
 from absl import app, flags, logging
@@ -209,7 +210,7 @@ def main(argv):
       "wall_time_s": round(sum(timing.values()), 1),
       "wall_time_s_by_part": timing,
       "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-      "command": f"python -m launch.compare --config=configs/{name}.py --workdir={workdir}",
+      "command": "python -m launch.compare " + " ".join(sys.argv[1:]),
   }
   os.makedirs(_OUT.value, exist_ok=True)
   utils.write_json(os.path.join(_OUT.value, f"{name}.json"), result)
