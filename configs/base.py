@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.manual_dir = ""  # original files; default $SIGMA_DATA_DIR/<dataset subdir>
   c.dataset.tfds_dir = ""  # where the TFDS array_record dataset goes; default WORKDIR/tfds
   c.dataset.max_history = 20
+  # Rank the items of a user's own history last, in every row (collab and the generator): no
+  # dataset here repeats an item within a user's sequence (the data stage reports
+  # `repeat_share`, 0 for all four), so an already-seen item is never the answer. RecBole's
+  # full-sort evaluation does the same; False ranks the whole catalogue as TIGER's paper does.
+  c.dataset.exclude_history = True
 
   c.text = ml_collections.ConfigDict()
   c.text.vocab_size = 4000  # SentencePiece pieces (incl. specials); SID tokens come on top
@@ -87,6 +92,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.collab.weight_decay = 0.0
   c.collab.eval_every = 1
   c.collab.patience = 10  # epochs without validation gain before stopping
+
+  # Optional stage `pretrain` (not in ALL_STAGES): causal LM over item texts and templates.
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.use = "auto"  # auto: ground and sft start from WORKDIR/pretrain when it exists
+  c.pretrain.steps = 1000
+  c.pretrain.batch_size = 64
+  c.pretrain.max_len = 48  # tokens per text, <|end|> included
+  c.pretrain.learning_rate = 1e-3
+  c.pretrain.warmup_steps = 100
+  c.pretrain.weight_decay = 0.01
+  c.pretrain.template_repeats = 20  # instruction phrasings are few; repeat them in the corpus
+  c.pretrain.heldout_share = 0.02  # items whose text is held out to measure the LM loss
+  c.pretrain.log_every = 50
+  c.pretrain.ckpt_every = 250
 
   c.ground = ml_collections.ConfigDict()
   c.ground.views = "collaborative,semantic,knowledge"  # knowledge needs timestamps
@@ -163,6 +182,10 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.sft.batch_size = 32
   c.sft.ckpt_every = 50
   c.sft.projfuse_hidden = 64
+  c.pretrain.steps = 100
+  c.pretrain.batch_size = 32
+  c.pretrain.log_every = 25
+  c.pretrain.ckpt_every = 50
   c.ground.steps = 200
   c.ground.batch_pairs = 32
   c.ground.eval_every = 50

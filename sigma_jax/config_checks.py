@@ -68,10 +68,21 @@ def validate(cfg, workdir: str | None = None, devices=None) -> None:
     raise ValueError(f"tokenizer.source must be one of {sorted(tokenize.SOURCES)}, got "
                      f"{source!r}")
   tokenize.check_config(cfg.tokenizer, _num_items(workdir))
+  if "pretrain" in cfg:
+    from sigma_jax.train import pretrain
+    use = str(cfg.pretrain.use)
+    if use not in pretrain.USE_CHOICES:
+      raise ValueError(f"pretrain.use must be one of {pretrain.USE_CHOICES}, got {use!r}")
+    if (use == "always" and {"ground", "sft"} & set(stages) and "pretrain" not in stages
+        and not (workdir and pipeline.is_done(workdir, "pretrain"))):
+      raise ValueError("pretrain.use='always' but the 'pretrain' stage is neither in "
+                       "config.stages nor done in the work directory")
   check_beams(cfg.generation, cfg.tokenizer)
   # Device-dependent checks only for the stages that will shard a batch.
-  if {"ground", "sft"} & set(stages):
+  if {"pretrain", "ground", "sft"} & set(stages):
     mesh = parallel.make_mesh(cfg.mesh, devices)
+    if "pretrain" in stages:
+      check_batch_divisible("pretrain.batch_size", int(cfg.pretrain.batch_size), mesh)
     if "ground" in stages:
       # A ground step embeds both sides of its B pairs: 2B items.
       check_batch_divisible("ground.batch_pairs x 2", 2 * int(cfg.ground.batch_pairs), mesh)

@@ -71,6 +71,7 @@ def run(cfg, workdir: str) -> dict:
 
 
 _STAGE_MODULES = ("sigma_jax.data.stage", "sigma_jax.data.text", "sigma_jax.train.collab",
+                  "sigma_jax.train.pretrain",
                   "sigma_jax.train.ground", "sigma_jax.train.tokenize", "sigma_jax.train.sft",
                   "sigma_jax.eval.stage")
 

@@ -86,3 +86,15 @@ def test_resume_matches_uninterrupted_and_done_is_skipped(full_run, tmp_path):
   mtime = os.path.getmtime(os.path.join(workdir, "collab", "item_emb.npy"))
   assert train_collab(_cfg(), _splits(), workdir, progress=False) == resumed
   assert os.path.getmtime(os.path.join(workdir, "collab", "item_emb.npy")) == mtime
+
+
+def test_mask_history_ranks_history_items_last():
+  import jax.numpy as jnp
+  from sigma_jax.train.collab import mask_history
+  scores = jnp.asarray([[5.0, 4.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+  hist = jnp.asarray([[-1, 0, 2], [-1, -1, 3]])
+  out = np.asarray(mask_history(scores, hist))
+  assert np.argsort(-out[0]).tolist()[:2] == [1, 3]  # items 0 and 2 are history
+  assert np.argsort(-out[1]).tolist()[:3] == [2, 1, 0]
+  assert out[0, 1] == 4.0 and out[1, 2] == 3.0  # others untouched
+  assert np.isfinite(out).all()

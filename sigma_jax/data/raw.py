@@ -71,6 +71,9 @@ class RawDataset:
         "sequence_length": {"min": int(lengths.min()), "mean": float(lengths.mean()),
                             "max": int(lengths.max())},
         "density": self.num_interactions / max(1, len(self.users) * len(self.items)),
+        # Share of interactions whose item the user already had earlier in the sequence.
+        "repeat_share": float(sum(len(u.items) - len(set(u.items)) for u in self.users)
+                              / max(1, self.num_interactions)),
     }
 
 

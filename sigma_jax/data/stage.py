@@ -1,6 +1,7 @@
 """Stage ``data``: original files -> TFDS array_record dataset, splits and statistics."""
 from __future__ import annotations
 
+import logging
 import os
 
 from sigma_jax import pipeline, utils
@@ -14,6 +15,11 @@ def run_data(cfg, workdir: str) -> dict:
   stats = ds.raw.stats()
   stats["splits"] = ds.splits.counts()
   stats["protocol"] = {"split": "leave-one-out (TIGER): last item test, second-last validation",
-                       "max_history": int(cfg.dataset.max_history)}
+                       "max_history": int(cfg.dataset.max_history),
+                       "exclude_history": bool(cfg.dataset.exclude_history)}
+  if cfg.dataset.exclude_history and stats["repeat_share"] > 0:
+    logging.warning("dataset.exclude_history is on but %.1f%% of interactions repeat an earlier "
+                    "item of the same user: those targets can never be recommended",
+                    100 * stats["repeat_share"])
   utils.write_json(os.path.join(workdir, "data", "stats.json"), stats)
   return {k: stats[k] for k in ("num_users", "num_items", "num_interactions")}

@@ -108,6 +108,8 @@ def run_eval(cfg, workdir: str) -> dict:
          "protocol": {"split": "leave-one-out; validation = second-last item, test = last",
                       "ranking": "full catalogue through the generator; constrained tasks "
                                  "decode against the tables of the allowed items",
+                      "history_items": "never returned" if gen.exclude_history
+                                       else "ranked like any other item",
                       "examples_per_task": "all" if limit is None else f"first {limit}",
                       "num_beams": int(g.num_beams), "top_m": int(g.top_m),
                       "top_n": int(g.top_n), "apf_tau": float(g.apf_tau),

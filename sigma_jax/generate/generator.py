@@ -57,7 +57,9 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
     feats: [N, F] frozen item features (for the injected history items).
     tables: `TrieTables` (batched [B, ...] for per-example constraints), unused in gr_id.
     bucket_table: [P, Bmax] items per prefix id (-1 padded).
-    allowed: [B, N] bool items each example may return (all True without a constraint).
+    allowed: [B, N] bool items each example may return: the instruction's constraint, minus the
+      history items when they are excluded (all True otherwise). In `gr_sid` the trie holds the
+      constraint; beams that decode another disallowed item are dropped.
     tau: APF temperature τ (a traced scalar: sweeping it does not recompile).
     spec: `DecodeSpec`.
 
@@ -93,14 +95,16 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
                          token_offset=spec.token_offset)
   k = spec.num_beams
   if spec.mode == "gr_sid":
-    # Every full SID names one item: its bucket holds exactly that item.
+    # Every full SID names one item: its bucket holds exactly that item. A beam whose item is
+    # not allowed (an excluded history item) drops out; the others move up.
     items = jnp.where(res.valid, bucket_table[jnp.maximum(res.prefix_ids, 0), 0], -1)
     ok = res.valid & (items >= 0)
-    return fusion.Ranked(items=jnp.where(ok, items, -1)[:, :spec.top_n],
-                         scores=jnp.where(ok, res.scores, NEG_INF)[:, :spec.top_n],
-                         beam=jnp.where(ok, jnp.arange(k)[None], -1)[:, :spec.top_n],
-                         cos=jnp.zeros_like(res.scores)[:, :spec.top_n],
-                         valid=ok[:, :spec.top_n])
+    ok = ok & jnp.take_along_axis(allowed, jnp.maximum(items, 0), axis=1)
+    top, pos = jax.lax.top_k(jnp.where(ok, res.scores, NEG_INF), min(spec.top_n, k))
+    ok = jnp.take_along_axis(ok, pos, axis=1)
+    return fusion.Ranked(items=jnp.where(ok, jnp.take_along_axis(items, pos, axis=1), -1),
+                         scores=jnp.where(ok, top, NEG_INF), beam=jnp.where(ok, pos, -1),
+                         cos=jnp.zeros_like(top), valid=ok)
 
   # sigma: <q> after each prefix, on the beams' caches (they hold all codes but the last).
   q_in = jnp.stack([res.last_tokens.reshape(-1),
@@ -119,8 +123,10 @@ class Generator:
   """Host-side wrapper: builds tables once, batches prompts, calls `generate`."""
 
   def __init__(self, cfg, assets, graphdef, params, *, mode: str | None = None,
-               fuse: bool | None = None):
+               fuse: bool | None = None, exclude_history: bool | None = None):
     g = cfg.generation
+    self.exclude_history = bool(cfg.dataset.get("exclude_history", False)
+                                if exclude_history is None else exclude_history)
     self.cfg, self.assets, self.graphdef, self.params = cfg, assets, graphdef, params
     self.mode = mode or assets.mode
     levels = int(cfg.tokenizer.levels)
@@ -167,14 +173,24 @@ class Generator:
 
   def recommend(self, histories, instructions, allowed: np.ndarray | None = None,
                 tau: float | None = None) -> fusion.Ranked:
-    """Ranked items for each (history, instruction); `allowed` [B, N] constrains the result."""
+    """Ranked items for each (history, instruction); `allowed` [B, N] constrains the result.
+
+    With `exclude_history` (default `cfg.dataset.exclude_history`) no history item is returned.
+    """
     n = len(self.assets.sids)
     arrays = self.prompts(histories, instructions)
     b = len(arrays["tokens"])
-    mask = np.ones((b, n), bool) if allowed is None else np.asarray(allowed, bool)
-    if not mask.any(axis=1).all():
+    constraint = np.ones((b, n), bool) if allowed is None else np.asarray(allowed, bool)
+    if not constraint.any(axis=1).all():
       raise ValueError("an example allows no item at all: its constraint matches nothing")
-    tables = self.tables_for(None if allowed is None else mask)
+    # The tries hold the instruction's constraint only; history exclusion acts on the items.
+    tables = self.tables_for(None if allowed is None else constraint)
+    mask = constraint
+    if self.exclude_history:
+      mask = constraint.copy()
+      for r, h in enumerate(histories):
+        h = np.asarray(h, np.int64)
+        mask[r, h[(h >= 0) & (h < n)]] = False
     tau = float(self.cfg.generation.apf_tau if tau is None else tau)
     out = generate(self.graphdef, self.params, self.item_keys, arrays["tokens"],
                    arrays["inject_items"], arrays["attn_mask"], self.feats, tables,

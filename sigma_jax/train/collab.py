@@ -3,7 +3,8 @@
 Protocol (TIGER's, DESIGN §3): one training example per user — the last ``max_len + 1`` items of
 the user's training part, inputs and targets shifted by one, full-softmax loss at every position.
 Validation and test rank ALL N items by ``last hidden state · item table^T``; items already in the
-history are NOT excluded (TIGER ranks all items too). The epoch is selected on validation only;
+history are ranked last when ``cfg.dataset.exclude_history`` (no item repeats within a user's
+sequence on these datasets), else they compete like any other (TIGER ranks all items). The epoch is selected on validation only;
 test is evaluated once, at the selected epoch.
 
 Outputs under ``workdir/collab/``:
@@ -140,18 +141,45 @@ def _copy_tree(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
+def mask_history(scores: jax.Array, hist: jax.Array) -> jax.Array:
+  """Sets the scores of the items in each row's history to NEG_INF.
+
+  Args:
+    scores: [B, N] scores over all items.
+    hist: [B, H] int item indices, PAD_ITEM (< 0) for padding.
+
+  Returns:
+    [B, N] scores, history items at the lowest finite value (so they rank last).
+  """
+  rows = jnp.arange(scores.shape[0])[:, None]  # [B, 1]
+  cols = jnp.maximum(hist, 0)  # [B, H]
+  low = jnp.asarray(jnp.finfo(scores.dtype).min, scores.dtype)
+  # Padding slots scatter +inf with .min, which leaves their column unchanged.
+  return scores.at[rows, cols].min(jnp.where(hist >= 0, low, jnp.inf).astype(scores.dtype))
+
+
 @functools.lru_cache(maxsize=8)
-def make_topk_fn(graphdef, k: int):
-  """Returns jitted ``topk(params, hist [B, L]) -> [B, k]`` item indices ranked over all N items."""
+def make_topk_fn(graphdef, k: int, exclude_history: bool = False):
+  """Returns jitted ``topk(params, hist [B, L]) -> [B, k]`` item indices ranked over all N items.
+
+  With ``exclude_history`` the items of the history itself are ranked last (see ``evaluate``).
+  """
   def topk(params, hist):
     scores = nnx.merge(graphdef, params).next_item_logits(hist)  # [B, N]
+    if exclude_history:
+      scores = mask_history(scores, hist)
     return jax.lax.top_k(scores, k)[1]
   return jax.jit(topk)
 
 
 def evaluate(topk_fn, params, hist: np.ndarray, target: np.ndarray, max_len: int,
              num_items: int) -> dict:
-  """Full-ranking metrics for histories ``hist`` [U, H] against ``target`` [U]."""
+  """Full-ranking metrics for histories ``hist`` [U, H] against ``target`` [U].
+
+  The ranking is over every item; ``topk_fn`` decides whether history items may be returned
+  (``make_topk_fn(..., exclude_history=True)`` excludes the last ``max_len`` of them, the ones the
+  model sees).
+  """
   hist = np.asarray(hist)[:, -max_len:]
   ranked = []
   rows = max(1, min(EVAL_BATCH, len(hist)))
@@ -216,7 +244,8 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
   tx = make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
   graphdef = nnx.split(nnx.eval_shape(lambda: build_model(n, ccfg, seed)), nnx.Param)[0]
   train_step = make_train_step(graphdef, tx)
-  topk_fn = make_topk_fn(graphdef, max(KS))
+  exclude = bool(cfg.dataset.get("exclude_history", False)) if "dataset" in cfg else False
+  topk_fn = make_topk_fn(graphdef, max(KS), exclude)
   # One explicit device, so fresh and restored states have the same sharding (no recompiles).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
@@ -296,9 +325,11 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
   emb = np.asarray(nnx.merge(graphdef, best_params).item_embeddings(), dtype=np.float32)
   result = {"best_epoch": best, "select_metric": select, "epochs_run": meta["epoch"],
             "validation": val, "test": test,
+            "exclude_history": exclude,
             "protocol": "leave-one-out; one example per user (last max_len+1 training items, "
                         "loss at every position); full ranking over all items, history items "
-                        "not excluded; epoch selected on validation"}
+                        + ("ranked last" if exclude else "not excluded")
+                        + "; epoch selected on validation"}
   _write_atomic(emb_path, lambda f: np.save(f, emb))
   _write_atomic(result_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
   return result

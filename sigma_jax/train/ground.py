@@ -21,7 +21,7 @@ from tqdm import tqdm
 from sigma_jax import checkpoint, parallel, pipeline, utils
 from sigma_jax.data import loader, pairs, text
 from sigma_jax.models import grounding
-from sigma_jax.train import optim
+from sigma_jax.train import optim, pretrain
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -125,6 +125,9 @@ def run_ground(cfg, workdir: str) -> dict:
   model_cfg = _model_cfg(cfg, tok.spm_size)
   graphdef, params = parallel.init_sharded(
       lambda: grounding.TextTower(model_cfg, int(g.out_dim), rngs=nnx.Rngs(seed)), mesh, rules)
+  # The text tower starts from the pretrain stage's decoder when there is one (pretrain.use).
+  params["backbone"], pretrained = pretrain.load_into(params["backbone"], workdir, cfg,
+                                                      tok.spm_size)
   param_sh = parallel.state_shardings(params, mesh, rules)
   tx, _ = optim.make_optimizer(g.learning_rate, g.warmup_steps, g.steps, g.weight_decay)
   repl = parallel.replicated(mesh)
@@ -224,13 +227,14 @@ def run_ground(cfg, workdir: str) -> dict:
           "validation": grounding.pair_recall_at_k(vid, val_pairs),
           "test": grounding.pair_recall_at_k(vid, test_pairs)}},
       "best_step": meta["best_step"],
+      "pretrained_backbone": pretrained,
       "views": {k: int(len(v)) for k, v in pools.items()},
   }
   utils.save_npy(os.path.join(out_dir, "raw_text_emb.npy"), raw)
   utils.save_npy(os.path.join(out_dir, "item_text_emb.npy"), best)
   utils.write_json(os.path.join(out_dir, "report.json"), report)
   ckpt.close()
-  return {"best_step": meta["best_step"],
+  return {"best_step": meta["best_step"], "pretrained_backbone": pretrained,
           "pair_recall@10_test": {"untrained": meta["before"]["untrained_text_tower"]["test"],
                                   "tfidf": report["before"]["raw_tfidf_text"]["test"],
                                   "grounded": report["after"]["grounded_text"]["test"]}}

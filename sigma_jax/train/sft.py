@@ -25,7 +25,7 @@ from tqdm import tqdm
 from sigma_jax import checkpoint, config_checks, parallel, pipeline, utils
 from sigma_jax.data import loader, prompts, tasks, text
 from sigma_jax.models import projfuse, sigma
-from sigma_jax.train import optim, tokenize as tokenize_stage
+from sigma_jax.train import optim, pretrain, tokenize as tokenize_stage
 from sigma_jax.train.ground import check_finite
 
 MODES = ("sigma", "gr_sid", "gr_id")
@@ -178,7 +178,7 @@ def run_sft(cfg, workdir: str) -> dict:
   config_checks.check_batch_divisible("sft.batch_size", batch_size, mesh)
   steps_per_epoch = loader.steps_per_epoch(len(examples), batch_size)
   total = int(s.epochs * steps_per_epoch) if s.steps <= 0 else int(s.steps)
-  graphdef, state, state_sh, tx, schedule = init_state(cfg, assets, mesh, total)
+  graphdef, state, state_sh, tx, schedule = init_state(cfg, assets, mesh, total, workdir)
   repl = parallel.replicated(mesh)
   feats = jax.device_put(jnp.asarray(assets.feats), repl)
   sample = make_batch(examples, np.arange(batch_size) % len(examples), assets, cfg,
@@ -234,10 +234,17 @@ def run_sft(cfg, workdir: str) -> dict:
           "mode": assets.mode}
 
 
-def init_state(cfg, assets: Assets, mesh, total_steps: int):
-  """Model, optimizer and step, born sharded: (graphdef, state, state_shardings, tx, schedule)."""
+def init_state(cfg, assets: Assets, mesh, total_steps: int, workdir: str | None = None):
+  """Model, optimizer and step, born sharded: (graphdef, state, state_shardings, tx, schedule).
+
+  With ``workdir`` the backbone starts from the pretrain stage's decoder when ``pretrain.use``
+  finds one there.
+  """
   s = cfg.sft
   graphdef, params = build_model(cfg, assets, mesh)
+  if workdir is not None:
+    params["backbone"], _ = pretrain.load_into(params["backbone"], workdir, cfg,
+                                               assets.tok.spm_size)
   param_sh = parallel.state_shardings(params, mesh, cfg.axis_rules)
   tx, schedule = optim.make_optimizer(s.learning_rate, s.warmup_steps, total_steps,
                                       s.weight_decay)

@@ -1,0 +1,268 @@
+"""Stage ``pretrain`` (optional): a causal LM over item texts and instruction templates.
+
+A from-scratch backbone (the CPU default) knows no words when grounding starts; this stage
+teaches it the catalogue's language first, so the grounding text tower and the SFT backbone start
+from the same pretrained decoder (DESIGN §2). It is off by default (not in ``ALL_STAGES``); run
+it with ``--config.stages=data,text_tokenizer,collab,pretrain,ground,tokenize,sft,eval``.
+
+Corpus: every item's text (title, categories, brand, tags) followed by ``<|end|>``, plus every
+instruction phrasing repeated ``pretrain.template_repeats`` times. A random
+``pretrain.heldout_share`` of the items is held out and its next-token loss is reported before and
+after training. Item texts are catalogue metadata, not interactions, so using them leaks nothing
+about validation or test targets.
+
+Outputs under ``workdir/pretrain/``:
+  ckpt/          Orbax checkpoints of (params, optimizer, step) — resume after a kill
+  backbone/      the final decoder parameters (Orbax), read by ``load_into``
+  metrics.jsonl  loss, gradient norm and tokens/s every ``log_every`` steps
+  report.json    held-out LM loss before and after, steps, corpus size
+
+Which later stages use it is ``pretrain.use``: ``auto`` (whenever ``backbone/`` exists),
+``always`` (an error when it does not) or ``never``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sigma_jax import checkpoint, parallel, pipeline, utils
+from sigma_jax.data import loader, prompts, tasks, text
+from sigma_jax.models import backbone
+from sigma_jax.train import optim
+
+USE_CHOICES = ("auto", "always", "never")
+
+
+def corpus(ds: loader.Dataset, tok: text.TextTokenizer, max_len: int, template_repeats: int,
+           heldout_share: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Token ids of the training corpus and of the held-out item texts.
+
+  Returns:
+    (train [M, T] int32, heldout [H, T] int32, train_is_item [M] bool); each row is a text's
+    pieces, then ``<|end|>``, right-padded with ``text.PAD``.
+  """
+  if max_len < 2:
+    raise ValueError(f"pretrain.max_len={max_len}: need at least one text token and <|end|>")
+  item_texts = [it.text for it in ds.raw.items]
+  templates = tasks.all_template_texts() + [prompts.HISTORY_VERB]
+  rng = np.random.default_rng(seed)
+  heldout = np.zeros(len(item_texts), bool)
+  n_held = int(round(heldout_share * len(item_texts)))
+  heldout[rng.permutation(len(item_texts))[:n_held]] = True
+
+  def encode(texts):
+    ids, mask = tok.encode_batch(texts, max_len - 1)
+    ids = np.concatenate([ids, np.full((len(texts), 1), text.PAD, np.int32)], axis=1)
+    ids[np.arange(len(texts)), mask.sum(1)] = tok.special[text.END]
+    return ids.astype(np.int32)
+
+  train_texts = [t for t, h in zip(item_texts, heldout) if not h]
+  train = encode(train_texts + templates * int(template_repeats))
+  is_item = np.arange(len(train)) < len(train_texts)
+  held = encode([t for t, h in zip(item_texts, heldout) if h]) if n_held else np.zeros(
+      (0, max_len), np.int32)
+  return train, held, is_item
+
+
+def lm_batch_loss(graphdef, params, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean next-token loss of right-padded rows [B, T]; returns (loss, number of targets)."""
+  mask = ids != text.PAD
+  hidden = nnx.merge(graphdef, params)(ids, attn_mask=mask)
+  logits = nnx.merge(graphdef, params).logits(hidden)[:, :-1]
+  weights = mask[:, 1:]
+  return backbone.lm_loss(logits, ids[:, 1:], weights), weights.sum()
+
+
+def batch_rows(num_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """The row indices of step ``step``: a fresh permutation per epoch, a pure function of
+  (seed, step), so a resumed run sees the same batches."""
+  per_epoch = max(1, num_rows // batch_size)
+  epoch, i = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+  if num_rows < batch_size:
+    order = np.resize(order, batch_size)
+  return order[i * batch_size:(i + 1) * batch_size]
+
+
+def model_config(cfg, vocab_size: int):
+  m = cfg.model.copy_and_resolve_references()
+  m.vocab_size = int(vocab_size)
+  m.max_len = int(cfg.pretrain.max_len)
+  return m
+
+
+def backbone_dir(workdir: str) -> str:
+  return os.path.join(workdir, "pretrain", "backbone")
+
+
+@pipeline.stage("pretrain")
+def run_pretrain(cfg, workdir: str) -> dict:
+  from sigma_jax.train.ground import check_finite  # ground imports this module
+  p = cfg.pretrain
+  seed = int(cfg.seed)
+  out_dir = os.path.join(workdir, "pretrain")
+  ds = loader.load_dataset(cfg, workdir)
+  tok = text.TextTokenizer(text.model_path(workdir))
+  train, held, is_item = corpus(ds, tok, int(p.max_len), int(p.template_repeats),
+                                float(p.heldout_share), seed)
+  mesh, rules = parallel.make_mesh(cfg.mesh), cfg.axis_rules
+  mcfg = model_config(cfg, tok.spm_size)
+  graphdef, params = parallel.init_sharded(
+      lambda: backbone.Decoder(mcfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  param_sh = parallel.state_shardings(params, mesh, rules)
+  steps, bs = int(p.steps), int(p.batch_size)
+  tx, _ = optim.make_optimizer(p.learning_rate, p.warmup_steps, steps, p.weight_decay)
+  repl = parallel.replicated(mesh)
+  state_sh = {"params": param_sh, "opt": parallel.optimizer_shardings(tx, params, param_sh, mesh),
+              "step": repl}
+  state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
+           "step": jnp.zeros((), jnp.int32)}
+  ids_sh = parallel.batch_sharding(mesh, 2, rules)
+
+  def train_step(st, ids):
+    with parallel.activation_sharding(mesh, rules):
+      (loss, n), grads = jax.value_and_grad(
+          lambda q: lm_batch_loss(graphdef, q, ids), has_aux=True)(st["params"])
+    updates, opt = tx.update(grads, st["opt"], st["params"])
+    return (dict(st, params=optax.apply_updates(st["params"], updates), opt=opt,
+                 step=st["step"] + 1),
+            {"loss": loss, "tokens": n, "grad_norm": optax.tree.norm(grads)})
+
+  step_fn = jax.jit(train_step, in_shardings=(state_sh, ids_sh), out_shardings=(state_sh, repl),
+                    donate_argnums=0)
+  eval_fn = jax.jit(lambda q, ids: lm_batch_loss(graphdef, q, ids), in_shardings=(param_sh, ids_sh),
+                    out_shardings=repl)
+
+  def heldout_loss(q) -> float | None:
+    if not len(held):
+      return None
+    total, count = 0.0, 0
+    for s in range(0, len(held), bs):
+      rows = held[s:s + bs]
+      pad = bs - len(rows)  # fixed shape: one compilation; padded rows have no targets
+      rows = np.concatenate([rows, np.full((pad, rows.shape[1]), text.PAD, np.int32)])
+      loss, n = eval_fn(q, parallel.shard_batch({"ids": rows}, mesh, rules)["ids"])
+      total, count = total + float(loss) * int(n), count + int(n)
+    return total / max(1, count)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2)
+  meta = {"step": 0, "before": None}
+  restored = ckpt.restore(state)
+  if restored is not None:
+    _, state, meta = restored
+    logging.info("pretrain: resumed at step %d", meta["step"])
+  metrics_path = os.path.join(out_dir, "metrics.jsonl")
+  utils.truncate_jsonl(metrics_path, lambda r: r["step"] <= meta["step"])
+  if meta["before"] is None:
+    meta["before"] = heldout_loss(state["params"])
+
+  bar = tqdm(total=steps, initial=meta["step"], desc="pretrain", dynamic_ncols=True,
+             disable=not cfg.get("progress", True))
+  t0, tokens, pending = time.time(), 0, []
+  try:
+    while meta["step"] < steps:
+      step = meta["step"]
+      rows = train[batch_rows(len(train), bs, seed, step)]
+      state, m = step_fn(state, parallel.shard_batch({"ids": rows}, mesh, rules)["ids"])
+      meta["step"] = step + 1
+      pending.append((meta["step"], m))
+      tokens += int((rows != text.PAD).sum())
+      bar.update(1)
+      done = meta["step"] == steps
+      save = meta["step"] % int(p.ckpt_every) == 0 or done
+      if meta["step"] % int(p.log_every) == 0 or save:
+        check_finite("pretrain", pending, ckpt)
+        m = jax.device_get(m)
+        rec = {"step": meta["step"], "loss": float(m["loss"]),
+               "grad_norm": float(m["grad_norm"]),
+               "tokens_per_s": tokens / max(1e-9, time.time() - t0)}
+        t0, tokens = time.time(), 0
+        utils.append_jsonl(metrics_path, rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+      if save:
+        ckpt.save(meta["step"], state, meta)
+  finally:
+    bar.close()
+    ckpt.close()
+
+  after = heldout_loss(state["params"])
+  final = checkpoint.Checkpointer(backbone_dir(workdir), max_to_keep=1, async_save=False)
+  final.save(steps, state["params"], {"vocab_size": int(tok.spm_size), "steps": steps})
+  final.close()
+  report = {"heldout_items": int(len(held)), "train_rows": int(len(train)),
+            "train_item_rows": int(is_item.sum()), "steps": steps, "batch_size": bs,
+            "heldout_lm_loss": {"before": meta["before"], "after": after}}
+  utils.write_json(os.path.join(out_dir, "report.json"), report)
+  return {"heldout_lm_loss": report["heldout_lm_loss"], "steps": steps}
+
+
+def resolve(cfg, workdir: str) -> str | None:
+  """The pretrained backbone directory the later stages should start from, or None.
+
+  Raises:
+    FileNotFoundError: ``pretrain.use == 'always'`` and the stage has not written its backbone.
+  """
+  use = str(cfg.pretrain.use)
+  if use not in USE_CHOICES:
+    raise ValueError(f"pretrain.use={use!r}; choose from {USE_CHOICES}")
+  path = backbone_dir(workdir)
+  exists = pipeline.is_done(workdir, "pretrain") and os.path.isdir(path)
+  if use == "never" or (use == "auto" and not exists):
+    return None
+  if not exists:
+    raise FileNotFoundError(f"pretrain.use='always' but {path} is missing: run the 'pretrain' "
+                            "stage first (add it to --config.stages)")
+  return path
+
+
+def load_into(params, workdir: str, cfg, spm_size: int) -> tuple[nnx.State, bool]:
+  """Overwrites a backbone's parameters with the pretrained ones (when ``resolve`` finds them).
+
+  Args:
+    params: a fresh ``Decoder`` parameter State, sharded. Its vocabulary may be larger than the
+      pretrained one (the SFT backbone adds SID tokens after the SentencePiece pieces): the first
+      ``spm_size`` rows of ``embedding`` are copied and the new rows keep their initialisation.
+    workdir, cfg: the run.
+    spm_size: the SentencePiece vocabulary of the run's text tokenizer (the pretrained one).
+
+  Returns:
+    (params, whether pretrained weights were loaded).
+  """
+  path = resolve(cfg, workdir)
+  if path is None:
+    return params, False
+  pre_cfg = model_config(cfg, spm_size)
+  abstract = nnx.split(nnx.eval_shape(lambda: backbone.Decoder(pre_cfg, rngs=nnx.Rngs(0))),
+                       nnx.Param)[1]
+  ck = checkpoint.Checkpointer(path, max_to_keep=1, async_save=False)
+  try:
+    restored = ck.restore(abstract)
+  finally:
+    ck.close()
+  if restored is None:
+    raise FileNotFoundError(f"{path} holds no readable checkpoint; run 'pretrain' again")
+  pre_flat = dict(jax.tree_util.tree_flatten_with_path(restored[1])[0])
+
+  def merge(key_path, leaf):
+    src = pre_flat.get(key_path)
+    if src is None:
+      raise ValueError(f"pretrained backbone lacks parameter {jax.tree_util.keystr(key_path)}")
+    if src.shape == leaf.shape:
+      new = src
+    elif (src.ndim == leaf.ndim == 2 and src.shape[1] == leaf.shape[1]
+          and src.shape[0] < leaf.shape[0]):
+      new = jnp.asarray(leaf).at[:src.shape[0]].set(src)  # new vocabulary rows stay fresh
+    else:
+      raise ValueError(f"pretrained {jax.tree_util.keystr(key_path)} has shape {src.shape}; "
+                       f"this model's is {leaf.shape} (did model.* change since pretrain?)")
+    return jax.device_put(new, leaf.sharding)
+
+  return jax.tree_util.tree_map_with_path(merge, params), True
