@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 _STATE = "state"
@@ -37,15 +38,31 @@ class Checkpointer:
     directory: absolute path of the checkpoint directory (one sub-directory per step).
   """
 
-  def __init__(self, directory: str, max_to_keep: int = 2, *, async_save: bool = True):
+  def __init__(self, directory: str, max_to_keep: int = 2, *, async_save: bool = True,
+               local: bool = False):
     """Args:
       directory: where the steps go; created if missing.
       max_to_keep: newest steps kept on disk; 2 leaves one to fall back on.
       async_save: write in a background thread (``wait()`` blocks until done).
+      local: the state lives on this process's devices only and only this process saves and
+        restores it (a host-local stage in a multi-process run). Otherwise every process
+        calls ``save`` and ``restore`` together on global arrays.
     """
     self.directory = os.path.abspath(directory)
+    multiprocessing = ocp.options.MultiprocessingOptions()
+    create = True
+    # Orbax serialises only global arrays in a multi-process run: a host-local state goes to
+    # disk as NumPy and comes back onto the requested devices.
+    self._host_local = bool(local and jax.process_count() > 1)
+    if self._host_local:
+      os.makedirs(self.directory, exist_ok=True)  # Orbax creates it only for all processes
+      create = False
+      me = jax.process_index()
+      multiprocessing = ocp.options.MultiprocessingOptions(
+          primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"local{me}")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=max_to_keep, create=create, enable_async_checkpointing=async_save,
+        multiprocessing_options=multiprocessing)
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_names=(_STATE, _META))
 
@@ -62,6 +79,8 @@ class Checkpointer:
     if step in self._mngr.all_steps():
       # A step restored past (a corrupt newer one) or re-run after a fallback is overwritten.
       self._mngr.delete(step)
+    if self._host_local:
+      state = jax.device_get(state)
     self._mngr.save(step, args=ocp.args.Composite(
         **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}), force=True)
 
@@ -106,6 +125,14 @@ class Checkpointer:
     raise RuntimeError(f"no readable checkpoint in {self.directory} (steps {steps})")
 
   def _restore_one(self, step: int, target: Any) -> tuple[int, Any, dict]:
+    if self._host_local:
+      host_target = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
+      out = self._mngr.restore(step, args=ocp.args.Composite(
+          **{_STATE: ocp.args.StandardRestore(host_target), _META: ocp.args.JsonRestore()}))
+      state = jax.tree.map(
+          lambda x, t: jax.device_put(x, getattr(t, "sharding", None) or jax.local_devices()[0]),
+          out[_STATE], target)
+      return step, state, dict(out[_META])
     out = self._mngr.restore(step, args=ocp.args.Composite(
         **{_STATE: ocp.args.StandardRestore(target), _META: ocp.args.JsonRestore()}))
     return step, out[_STATE], dict(out[_META])

@@ -233,6 +233,12 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
   return jax.tree.map(put, batch)
 
 
+def put_replicated(x: Any, mesh: Mesh) -> Any:
+  """A host array (the same on every process) as a global array replicated over ``mesh``."""
+  return jax.tree.map(
+      lambda a: jax.make_array_from_process_local_data(replicated(mesh), np.asarray(a)), x)
+
+
 def with_logical_constraint(x: jax.Array, names: Sequence[str | None], mesh: Mesh,
                             rules: Rules) -> jax.Array:
   """`jax.lax.with_sharding_constraint` by logical axis names (inside jit)."""

@@ -11,11 +11,13 @@ import os
 import time
 from typing import Callable
 
-from sigma_jax import utils
+from sigma_jax import distributed, utils
 
 STAGES: dict[str, Callable] = {}
 # The order stages run in, whatever order config.stages lists them in.
 ORDER = ("data", "text_tokenizer", "collab", "pretrain", "ground", "tokenize", "sft", "eval")
+# Stages that run on one host's devices: in a multi-process run process 0 runs them alone.
+HOST_LOCAL = frozenset({"data", "text_tokenizer", "collab", "tokenize"})
 
 
 def stage(name: str):
@@ -56,17 +58,29 @@ def run(cfg, workdir: str) -> dict:
   config_checks.validate(cfg, workdir)  # contradictions are errors before any work is done
   os.makedirs(workdir, exist_ok=True)
   summaries = {}
+  multi = distributed.process_count() > 1
   for name in parse_stages(cfg.stages):
     if is_done(workdir, name):
       logging.info("stage %s: already done, skipped", name)
       summaries[name] = utils.read_json(done_marker(workdir, name))
       continue
-    logging.info("stage %s: running", name)
     start = time.time()
+    if multi and name in HOST_LOCAL and not distributed.is_primary():
+      # Process 0 runs it on its own devices; this process waits, then reads its artifacts.
+      logging.info("stage %s: waiting for process 0", name)
+      distributed.barrier(f"sigma-stage-{name}-done")
+      if not is_done(workdir, name):
+        raise RuntimeError(f"stage {name}: process 0 finished without {done_marker(workdir, name)}"
+                           "; is the work directory shared by every process?")
+      summaries[name] = utils.read_json(done_marker(workdir, name))
+      continue
+    logging.info("stage %s: running", name)
     summary = STAGES[name](cfg, workdir) or {}
     summary = dict(summary, stage=name, wall_time_s=round(time.time() - start, 3))
-    utils.write_json(done_marker(workdir, name), summary)
+    utils.write_json(done_marker(workdir, name), summary)  # process 0 only
     summaries[name] = summary
+    if multi:
+      distributed.barrier(f"sigma-stage-{name}-done")
   return summaries
 
 

@@ -1,4 +1,8 @@
-"""Small I/O helpers: every artifact is written to a temporary path and renamed into place."""
+"""Small I/O helpers: every artifact is written to a temporary path and renamed into place.
+
+In a multi-process run only process 0 writes (the work directory is shared); the writers here
+are no-ops on the other processes.
+"""
 from __future__ import annotations
 
 import json
@@ -8,7 +12,15 @@ import tempfile
 import numpy as np
 
 
+def is_writer() -> bool:
+  """True on the process that writes files: process 0 (the only one, in most runs)."""
+  import jax  # imported here: the data-only helpers must not start JAX before the user does
+  return jax.process_index() == 0
+
+
 def atomic_write(path: str, write, mode: str):
+  if not is_writer():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                              prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -45,6 +57,8 @@ def save_npy(path: str, array) -> None:
 
 def append_jsonl(path: str, record: dict) -> None:
   """Appends one JSON line (metrics logs; a torn last line is ignored by readers)."""
+  if not is_writer():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "a") as f:
     f.write(json.dumps(record, sort_keys=True) + "\n")

@@ -143,12 +143,15 @@ def prompt_length(spec: PromptSpec, history_len: int, instruction_len: int,
 
 def compact(batch: dict, max_ntp: int, max_q: int, num_hard: int, prefix_ids: np.ndarray,
             bucket_table: np.ndarray, bucket_sizes: np.ndarray,
-            rng: np.random.Generator) -> dict:
+            rand: np.ndarray | None) -> dict:
   """Stacked prompt arrays [B, T] -> the loss's compact index form.
 
   Adds ntp_pos/ntp_tgt/ntp_w [B, max_ntp], q_pos/q_item [B, max_q] and hard [B, max_q,
   num_hard]: items drawn from the bucket of the query item's prefix (the hard negatives of
   L_ID), -1 where the bucket has no other item. Drops the [B, T] per-position target arrays.
+  ``rand`` [B, max_q, num_hard] uniform [0, 1) draws pick the hard negatives (None when
+  num_hard is 0); the caller draws them for the global batch, so a host's rows get the same
+  negatives in a multi-process run as in a single-process one.
   """
   b = len(batch["tokens"])
   out = {k: batch[k] for k in ("tokens", "inject_items", "attn_mask")}
@@ -170,7 +173,10 @@ def compact(batch: dict, max_ntp: int, max_q: int, num_hard: int, prefix_ids: np
     valid = q_item >= 0
     bucket = prefix_ids[np.maximum(q_item, 0)]  # [B, Q]
     size = bucket_sizes[bucket]  # [B, Q]
-    pick = (rng.random((b, max_q, num_hard)) * size[..., None]).astype(np.int64)
+    if rand is None or rand.shape != (b, max_q, num_hard):
+      raise ValueError(f"need [{b}, {max_q}, {num_hard}] uniform draws for the hard negatives, "
+                       f"got {None if rand is None else rand.shape}")
+    pick = (rand * size[..., None]).astype(np.int64)
     cand = bucket_table[bucket[..., None], pick]  # [B, Q, M]
     hard = np.where(valid[..., None] & (size[..., None] > 1) & (cand != q_item[..., None]),
                     cand, -1).astype(np.int32)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sigma_jax import parallel
 from sigma_jax.data import prompts, text
 from sigma_jax.generate import beam, fusion, trie
 from sigma_jax.models import rq
@@ -152,9 +153,23 @@ class Generator:
                            query_token=tok.special[text.QUERY])
     self.full_tables = (trie.build_tables(self.codes, self.sizes) if self.codes.shape[1]
                         else None)
+    # Multi-process: host arrays go in as global replicated arrays on the parameters' mesh;
+    # every process then computes (and agrees on) the same recommendations.
+    sharding = jax.tree.leaves(params)[0].sharding
+    self._mesh = (sharding.mesh if jax.process_count() > 1
+                  and isinstance(sharding, jax.sharding.NamedSharding) else None)
     model = nnx.merge(graphdef, params)
-    self.item_keys = jax.jit(model.item_keys)(jnp.asarray(assets.feats))
-    self.feats = jnp.asarray(assets.feats)
+    self.feats = self._put(np.asarray(assets.feats))
+    self.item_keys = jax.jit(model.item_keys)(self.feats)
+    self.bucket_table = self._put(np.asarray(self.bucket_table))
+    if self.full_tables is not None:
+      self.full_tables = self._put(self.full_tables)
+
+  def _put(self, x):
+    """Host arrays as arguments of `generate`: as they are, or replicated over the mesh."""
+    if self._mesh is None:
+      return x
+    return parallel.put_replicated(jax.device_get(x), self._mesh)
 
   def tables_for(self, allowed: np.ndarray | None):
     """Full-catalogue tables, or per-example subset tables when `allowed` [B, N] is given."""
@@ -192,7 +207,10 @@ class Generator:
         h = np.asarray(h, np.int64)
         mask[r, h[(h >= 0) & (h < n)]] = False
     tau = float(self.cfg.generation.apf_tau if tau is None else tau)
-    out = generate(self.graphdef, self.params, self.item_keys, arrays["tokens"],
-                   arrays["inject_items"], arrays["attn_mask"], self.feats, tables,
-                   self.bucket_table, mask, tau, spec=self.spec)
+    if tables is not self.full_tables:
+      tables = self._put(tables)
+    put = self._put
+    out = generate(self.graphdef, self.params, self.item_keys, put(arrays["tokens"]),
+                   put(arrays["inject_items"]), put(arrays["attn_mask"]), self.feats, tables,
+                   self.bucket_table, put(mask), tau, spec=self.spec)
     return jax.device_get(out)

@@ -252,7 +252,7 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
                           jax.eval_shape(init_state))
   meta = {"epoch": 0, "best_epoch": 0, "best_value": None, "history": [], "done": False}
 
-  ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2)
+  ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2, local=True)
   restored = ckpt.restore(abstract)
   if restored is None:
     # One compiled init instead of one dispatch per parameter.

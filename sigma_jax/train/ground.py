@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sigma_jax import checkpoint, parallel, pipeline, utils
+from sigma_jax import checkpoint, distributed, parallel, pipeline, utils
 from sigma_jax.data import loader, pairs, text
 from sigma_jax.models import grounding
 from sigma_jax.train import optim, pretrain
@@ -114,7 +114,7 @@ def run_ground(cfg, workdir: str) -> dict:
   ds = loader.load_dataset(cfg, workdir)
   n = ds.num_items
   tok = text.TextTokenizer(text.model_path(workdir))
-  v_id = grounding.l2_normalize(jnp.asarray(load_item_id_embeddings(workdir, n)))
+  v_id_host = np.asarray(grounding.l2_normalize(jnp.asarray(load_item_id_embeddings(workdir, n))))
   ids, mask = item_text_tokens(tok, ds.raw.items, int(cfg.text.max_item_tokens))
   pools = pairs.build_pools(ds, g, seed)
   val_pairs = heldout_pairs(ds.splits.valid_hist, ds.splits.valid_target)
@@ -135,11 +135,12 @@ def run_ground(cfg, workdir: str) -> dict:
               "opt": parallel.optimizer_shardings(tx, params, param_sh, mesh),
               "step": repl, "best_emb": repl}
   state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
-           "step": jnp.zeros((), jnp.int32),
-           "best_emb": jnp.zeros((n, int(g.out_dim)), jnp.float32)}
+           "step": parallel.put_replicated(np.zeros((), np.int32), mesh),
+           "best_emb": parallel.put_replicated(np.zeros((n, int(g.out_dim)), np.float32), mesh)}
   batch_sh = {k: parallel.batch_sharding(mesh, nd, rules)
               for k, nd in (("tokens", 2), ("mask", 2), ("items", 1))}
 
+  v_id = parallel.put_replicated(v_id_host, mesh)
   step_fn = make_train_step(graphdef, tx, v_id, float(g.tau), float(g.kd_weight), mesh, rules,
                             state_sh, batch_sh)
   encode = jax.jit(lambda p, t, m: nnx.merge(graphdef, p)(t, m), out_shardings=repl)
@@ -151,7 +152,9 @@ def run_ground(cfg, workdir: str) -> dict:
       t, m = ids[s:s + chunk], mask[s:s + chunk]
       pad = chunk - len(t)  # fixed shape: one compilation
       t, m = np.pad(t, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)), constant_values=True)
-      out.append(np.asarray(encode(p, t, m))[:chunk - pad])
+      rows = distributed.host_rows(chunk)
+      batch = parallel.shard_batch({"t": t[rows], "m": m[rows]}, mesh, rules)
+      out.append(np.asarray(encode(p, batch["t"], batch["m"]))[:chunk - pad])
     return np.concatenate(out)
 
   ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2)
@@ -180,6 +183,7 @@ def run_ground(cfg, workdir: str) -> dict:
       step = meta["step"]
       pr = pairs.sample_pairs(pools, batch_pairs, seed, step)
       items = np.concatenate([pr[:, 0], pr[:, 1]]).astype(np.int32)
+      items = items[distributed.host_rows(len(items))]  # this process's rows only
       batch = parallel.shard_batch({"tokens": ids[items], "mask": mask[items], "items": items},
                                    mesh, rules)
       state, m = step_fn(state, batch)
@@ -201,7 +205,7 @@ def run_ground(cfg, workdir: str) -> dict:
           rec["val_pair_recall@10"] = grounding.pair_recall_at_k(emb, val_pairs)
           if rec["val_pair_recall@10"] > meta["best_val"]:
             meta["best_val"], meta["best_step"] = rec["val_pair_recall@10"], meta["step"]
-            state["best_emb"] = jax.device_put(emb, repl)
+            state["best_emb"] = parallel.put_replicated(emb, mesh)
         utils.append_jsonl(metrics_path, rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.2f}")
       if save:
@@ -213,7 +217,7 @@ def run_ground(cfg, workdir: str) -> dict:
   best = np.asarray(state["best_emb"])
   raw = grounding.raw_text_embeddings(ids, mask & (ids != tok.special[text.END]), tok.spm_size,
                                       int(g.out_dim))
-  vid = np.asarray(v_id)
+  vid = v_id_host
   report = {
       "metric": "pair recall@10: retrieve the held-out next item (validation / test target) "
                 "from the newest history item among all items, by cosine",

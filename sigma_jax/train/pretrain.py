@@ -33,7 +33,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sigma_jax import checkpoint, parallel, pipeline, utils
+from sigma_jax import checkpoint, distributed, parallel, pipeline, utils
 from sigma_jax.data import loader, prompts, tasks, text
 from sigma_jax.models import backbone
 from sigma_jax.train import optim
@@ -124,7 +124,7 @@ def run_pretrain(cfg, workdir: str) -> dict:
   state_sh = {"params": param_sh, "opt": parallel.optimizer_shardings(tx, params, param_sh, mesh),
               "step": repl}
   state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
-           "step": jnp.zeros((), jnp.int32)}
+           "step": parallel.put_replicated(np.zeros((), np.int32), mesh)}
   ids_sh = parallel.batch_sharding(mesh, 2, rules)
 
   def train_step(st, ids):
@@ -149,6 +149,7 @@ def run_pretrain(cfg, workdir: str) -> dict:
       rows = held[s:s + bs]
       pad = bs - len(rows)  # fixed shape: one compilation; padded rows have no targets
       rows = np.concatenate([rows, np.full((pad, rows.shape[1]), text.PAD, np.int32)])
+      rows = rows[distributed.host_rows(bs)]
       loss, n = eval_fn(q, parallel.shard_batch({"ids": rows}, mesh, rules)["ids"])
       total, count = total + float(loss) * int(n), count + int(n)
     return total / max(1, count)
@@ -170,11 +171,11 @@ def run_pretrain(cfg, workdir: str) -> dict:
   try:
     while meta["step"] < steps:
       step = meta["step"]
-      rows = train[batch_rows(len(train), bs, seed, step)]
+      rows = train[batch_rows(len(train), bs, seed, step)[distributed.host_rows(bs)]]
       state, m = step_fn(state, parallel.shard_batch({"ids": rows}, mesh, rules)["ids"])
       meta["step"] = step + 1
       pending.append((meta["step"], m))
-      tokens += int((rows != text.PAD).sum())
+      tokens += int((rows != text.PAD).sum()) * distributed.process_count()
       bar.update(1)
       done = meta["step"] == steps
       save = meta["step"] % int(p.ckpt_every) == 0 or done

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from sigma_jax import checkpoint, config_checks, parallel, pipeline, utils
+from sigma_jax import checkpoint, config_checks, distributed, parallel, pipeline, utils
 from sigma_jax.data import loader, prompts, tasks, text
 from sigma_jax.models import projfuse, sigma
 from sigma_jax.train import optim, pretrain, tokenize as tokenize_stage
@@ -128,16 +128,24 @@ def training_examples(cfg, ds: loader.Dataset, assets: Assets) -> tuple[list, di
   return examples, counts
 
 
-def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng) -> dict:
+def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng,
+               rows: slice = slice(None)) -> dict:
+  """The arrays of the global batch ``idx`` (example indices), for the rows ``rows`` only.
+
+  Random draws (hard negatives) are made for the whole global batch from ``rng`` and then
+  sliced, so a process that builds only its rows (``distributed.host_rows``) gets exactly the
+  rows of the single-process batch.
+  """
+  h = int(cfg.dataset.max_history)
+  max_q = h + 1 if cfg.sft.every_position else 1
+  num_hard = int(cfg.sft.hard_negatives)
+  rand = rng.random((len(idx), max_q, num_hard))[rows] if num_hard else None
   arrays = prompts.stack([
       prompts.build_prompt(assets.spec, examples[i].history, examples[i].instruction,
                            examples[i].target, examples[i].every_position,
-                           verb_ids=assets.verb_ids) for i in idx])
-  h = int(cfg.dataset.max_history)
-  max_q = h + 1 if cfg.sft.every_position else 1
-  return prompts.compact(arrays, max_q * max(1, assets.spec.prefix_len), max_q,
-                         int(cfg.sft.hard_negatives), assets.prefix_ids, assets.bucket_table,
-                         assets.bucket_sizes, rng)
+                           verb_ids=assets.verb_ids) for i in np.asarray(idx)[rows]])
+  return prompts.compact(arrays, max_q * max(1, assets.spec.prefix_len), max_q, num_hard,
+                         assets.prefix_ids, assets.bucket_table, assets.bucket_sizes, rand)
 
 
 def make_train_step(graphdef, tx, mu: float, tau: float, mesh, rules, state_sh, batch_sh):
@@ -180,9 +188,9 @@ def run_sft(cfg, workdir: str) -> dict:
   total = int(s.epochs * steps_per_epoch) if s.steps <= 0 else int(s.steps)
   graphdef, state, state_sh, tx, schedule = init_state(cfg, assets, mesh, total, workdir)
   repl = parallel.replicated(mesh)
-  feats = jax.device_put(jnp.asarray(assets.feats), repl)
+  feats = parallel.put_replicated(np.asarray(assets.feats), mesh)
   sample = make_batch(examples, np.arange(batch_size) % len(examples), assets, cfg,
-                      np.random.default_rng(0))
+                      np.random.default_rng(0), distributed.host_rows(batch_size))
   batch_sh = {k: parallel.batch_sharding(mesh, v.ndim, rules) for k, v in sample.items()}
   step_fn = make_train_step(graphdef, tx, float(s.mu), float(s.tau), mesh, rules, state_sh,
                             batch_sh)
@@ -199,13 +207,14 @@ def run_sft(cfg, workdir: str) -> dict:
   order = loader.index_batches(len(examples), batch_size, seed)
   bar = tqdm(total=total, initial=meta["step"], desc="sft", dynamic_ncols=True,
              disable=not cfg.get("progress", True))
-  t0, tokens_seen = time.time(), 0
+  t0, tokens_seen = time.time(), 0  # tokens of this process's rows
   pending = []  # (step, metrics) not yet checked for NaN/Inf
   try:
     while meta["step"] < total:
       step = meta["step"]
       idx = order[step]
-      batch = make_batch(examples, idx, assets, cfg, np.random.default_rng([seed, step]))
+      batch = make_batch(examples, idx, assets, cfg, np.random.default_rng([seed, step]),
+                         distributed.host_rows(len(idx)))  # this process's rows only
       tokens_seen += int(batch["attn_mask"].sum())
       state, m = step_fn(state, parallel.shard_batch(batch, mesh, rules), feats)
       meta["step"] = step + 1
@@ -219,8 +228,8 @@ def run_sft(cfg, workdir: str) -> dict:
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         dt = max(1e-9, time.time() - t0)
         rec = dict(m, step=meta["step"], epoch=meta["step"] / steps_per_epoch,
-                   tokens_per_s=tokens_seen / dt, lr=float(schedule(meta["step"])))
-        t0, tokens_seen = time.time(), 0
+                   tokens_per_s=tokens_seen * distributed.process_count() / dt, lr=float(schedule(meta["step"])))
+        t0, tokens_seen = time.time(), 0  # tokens of this process's rows
         utils.append_jsonl(metrics_path, rec)
         bar.set_postfix(loss=f"{m['loss']:.3f}", ntp=f"{m['ntp']:.2f}", id=f"{m['id']:.2f}")
       if save:
@@ -252,7 +261,7 @@ def init_state(cfg, assets: Assets, mesh, total_steps: int, workdir: str | None 
   state_sh = {"params": param_sh, "opt": parallel.optimizer_shardings(tx, params, param_sh, mesh),
               "step": repl}
   state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
-           "step": jnp.zeros((), jnp.int32)}
+           "step": parallel.put_replicated(np.zeros((), np.int32), mesh)}
   return graphdef, state, state_sh, tx, schedule
 
 

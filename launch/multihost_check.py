@@ -1,0 +1,95 @@
+r"""Multi-host smoke test: a few SFT steps and the generator on the global mesh of every process.
+
+Run it the same way on one process or on many (one per host); it writes what was computed, so
+a multi-process run can be compared with a single-process run of the same global batches:
+
+  python -m launch.multihost_check --config=configs/demo.py --workdir=DIR --out=/tmp/one.npz
+  # on each of P hosts (or P local processes):
+  python -m launch.multihost_check --config=configs/demo.py --workdir=DIR --out=/tmp/many.npz \
+      --coordinator_address=HOST0:PORT --num_processes=P --process_id=I
+
+DIR needs a finished ``tokenize`` stage (the SFT inputs), e.g. from ``launch.train``. Process 0
+writes OUT (npz: ``losses`` [S], ``params`` flattened float32, ``items`` [U, N]) and prints one
+JSON line. Every process checks that all processes returned the same recommendations.
+"""
+import json
+import logging
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory with a finished tokenize stage.")
+_OUT = flags.DEFINE_string("out", None, "Where process 0 writes the results (.npz).")
+_STEPS = flags.DEFINE_integer("steps", 3, "SFT steps to run.")
+_USERS = flags.DEFINE_integer("users", 16, "Test users to recommend for.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Start JAX's multi-process runtime (see launch.train).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 100,
+                                  "A peer silent this long stops the run with an error.")
+flags.mark_flags_as_required(["config", "workdir", "out"])
+
+
+def main(argv):
+  del argv
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  from sigma_jax import distributed
+  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value, heartbeat_timeout_s=_HEARTBEAT.value)
+  import io
+
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from sigma_jax import parallel, utils
+  from sigma_jax.data import loader
+  from sigma_jax.generate import generator as gen_lib
+  from sigma_jax.train import sft
+
+  cfg, workdir = _CONFIG.value, _WORKDIR.value
+  cfg.progress = False
+  seed, rules, bs = int(cfg.seed), cfg.axis_rules, int(cfg.sft.batch_size)
+  ds = loader.load_dataset(cfg, workdir)
+  assets = sft.load_assets(cfg, workdir)
+  examples, _ = sft.training_examples(cfg, ds, assets)
+  mesh = parallel.make_mesh(cfg.mesh)
+  graphdef, state, state_sh, tx, _ = sft.init_state(cfg, assets, mesh, _STEPS.value)
+  feats = parallel.put_replicated(np.asarray(assets.feats), mesh)
+  rows = distributed.host_rows(bs)
+  sample = sft.make_batch(examples, np.arange(bs) % len(examples), assets, cfg,
+                          np.random.default_rng(0), rows)
+  batch_sh = {k: parallel.batch_sharding(mesh, v.ndim, rules) for k, v in sample.items()}
+  step_fn = sft.make_train_step(graphdef, tx, float(cfg.sft.mu), float(cfg.sft.tau), mesh, rules,
+                                state_sh, batch_sh)
+  order = loader.index_batches(len(examples), bs, seed)
+  losses = []
+  for step in range(_STEPS.value):
+    batch = sft.make_batch(examples, order[step], assets, cfg,
+                           np.random.default_rng([seed, step]), rows)
+    state, m = step_fn(state, parallel.shard_batch(batch, mesh, rules), feats)
+    losses.append(float(m["loss"]))
+    logging.warning("process %d step %d loss %.6f", distributed.process_index(), step + 1,
+                    losses[-1])
+
+  params = multihost_utils.process_allgather(state["params"], tiled=True)
+  flat = np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(params)])
+  gen = gen_lib.Generator(cfg, assets, graphdef, state["params"])
+  users = min(_USERS.value, len(ds.splits.test_hist))
+  ranked = gen.recommend(ds.splits.test_hist[:users],
+                         ["Recommend the next item for this user."] * users)
+  items = np.asarray(ranked.items)
+  distributed.agree(items, "recommendations")
+  if distributed.is_primary():
+    buf = io.BytesIO()
+    np.savez(buf, losses=np.asarray(losses), params=flat, items=items)
+    utils.write_bytes(_OUT.value, buf.getvalue())
+    print(json.dumps({"processes": distributed.process_count(), "devices": jax.device_count(),
+                      "losses": losses, "items_shape": list(items.shape)}))
+
+
+if __name__ == "__main__":
+  app.run(main)
