@@ -138,6 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.mu = 1.0  # μ, weight of L_ID
   c.sft.tau = 0.07  # InfoNCE temperature of L_ID
   c.sft.hard_negatives = 4  # per query, from the target's prefix bucket
+  # L_ID negatives: "batch" (in-batch + hard, DESIGN §1.3) or "catalogue" (all N items).
+  c.sft.id_negatives = "batch"
   c.sft.projfuse_hidden = 256
   c.sft.tasks = ""  # comma-separated tasks to train on; empty: every task the data allows
   c.sft.every_position = True  # JustForYou: loss at every history position in one pass

@@ -68,6 +68,10 @@ def validate(cfg, workdir: str | None = None, devices=None) -> None:
     raise ValueError(f"tokenizer.source must be one of {sorted(tokenize.SOURCES)}, got "
                      f"{source!r}")
   tokenize.check_config(cfg.tokenizer, _num_items(workdir))
+  from sigma_jax.models import sigma as sigma_model
+  neg = str(cfg.sft.get("id_negatives", "batch"))
+  if neg not in sigma_model.ID_NEGATIVES:
+    raise ValueError(f"sft.id_negatives must be one of {sigma_model.ID_NEGATIVES}, got {neg!r}")
   if "pretrain" in cfg:
     from sigma_jax.train import pretrain
     use = str(cfg.pretrain.use)

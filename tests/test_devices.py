@@ -155,3 +155,34 @@ def test_generate(setup, sft_assets):
   np.testing.assert_array_equal(out[1].items, out[8].items)
   np.testing.assert_allclose(out[1].scores, out[8].scores, **TOL)
   assert (out[1].items >= 0).any()
+
+
+def test_catalogue_negatives_is_a_full_softmax(setup, sft_assets):
+  """sft.id_negatives='catalogue': L_ID is the cross-entropy of each <q> state against all N item
+  keys (checked against NumPy on the model's own q states and keys)."""
+  from sigma_jax.models import sigma as sigma_model
+  cfg, ds, _ = setup
+  assets = sft_assets
+  examples, _ = sft.training_examples(cfg, ds, assets)
+  batch = sft.make_batch(examples, np.arange(8), assets, cfg, np.random.default_rng(0))
+  mesh = _meshes()[1]
+  graphdef, state, *_ = sft.init_state(cfg, assets, mesh, 100)
+  model = nnx.merge(graphdef, state["params"])
+  feats = jnp.asarray(assets.feats)
+  tau = float(cfg.sft.tau)
+  _, m = sigma_model.sft_loss(model, batch, feats, 1.0, tau, "catalogue")
+  h = model.hidden(batch["tokens"], batch["inject_items"], batch["attn_mask"], feats)
+  q_pos = np.maximum(batch["q_pos"], 0)
+  q = np.asarray(model.query(jnp.take_along_axis(h, q_pos[..., None], axis=1)))
+  keys = np.asarray(model.item_keys(feats), np.float64)
+  items = batch["q_item"]
+  logits = q.reshape(-1, q.shape[-1]).astype(np.float64) @ keys.T / tau
+  valid = items.reshape(-1) >= 0
+  logz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+  ce = logz - logits[np.arange(len(logits)), np.maximum(items.reshape(-1), 0)]
+  assert valid.sum() > 8  # every-position JustForYou: several queries per example
+  np.testing.assert_allclose(float(m["id"]), ce[valid].mean(), rtol=1e-4)
+  _, m_batch = sigma_model.sft_loss(model, batch, feats, 1.0, tau, "batch")
+  assert float(m_batch["id"]) < float(m["id"])  # fewer negatives, an easier task
+  with pytest.raises(ValueError, match="negatives"):
+    sigma_model.sft_loss(model, batch, feats, 1.0, tau, "some")

@@ -60,9 +60,18 @@ def _gather(x: jax.Array, pos: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, pos.reshape(pos.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+ID_NEGATIVES = ("batch", "catalogue")
+
+
 def sft_loss(model: SigmaModel, batch: dict, feats: jax.Array, mu: float,
-             tau: float) -> tuple[jax.Array, dict]:
+             tau: float, negatives: str = "batch") -> tuple[jax.Array, dict]:
   """`L_NTP + μ · L_ID` for one batch.
+
+  L_ID is InfoNCE between the `<q>` state and ProjFuse(target). Its negatives are, with
+  ``negatives='batch'`` (DESIGN §1.3), the other targets of the batch plus the hard negatives
+  that share the target's prefix; with ``'catalogue'``, every other item (a full softmax over
+  the N item keys, as the collab model is trained). The catalogue costs one ProjFuse pass over
+  N items and a [B·Q, N] product per step.
 
   Args:
     batch: tokens, inject_items, attn_mask [B, T]; ntp_pos, ntp_tgt, ntp_w [B, P] (positions
@@ -86,6 +95,17 @@ def sft_loss(model: SigmaModel, batch: dict, feats: jax.Array, mu: float,
   q = q.reshape(-1, q.shape[-1])  # [BQ, D]
   items = batch["q_item"].reshape(-1)  # [BQ]
   valid = items >= 0
+  w = valid.astype(jnp.float32)
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  if negatives == "catalogue":
+    scores = (q @ model.item_keys(feats).T) / tau  # [BQ, N]
+    labels = jnp.maximum(items, 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(scores, labels)
+    id_loss = jnp.sum(ce * w) / n
+    id_acc = jnp.sum((jnp.argmax(scores, -1) == labels) * w) / n
+    return ntp + mu * id_loss, {"ntp": ntp, "id": id_loss, "id_acc": id_acc, "ntp_acc": ntp_acc}
+  if negatives != "batch":
+    raise ValueError(f"negatives must be one of {ID_NEGATIVES}, got {negatives!r}")
   keys = model.item_keys(feats[jnp.maximum(items, 0)])  # [BQ, D]
   s_in = (q @ keys.T) / tau  # [BQ, BQ]
   own = jnp.eye(len(items), dtype=bool)
@@ -98,8 +118,6 @@ def sft_loss(model: SigmaModel, batch: dict, feats: jax.Array, mu: float,
   scores = jnp.concatenate([s_in, s_hard], axis=1)  # [BQ, BQ + M]
   labels = jnp.arange(len(items))
   ce = optax.softmax_cross_entropy_with_integer_labels(scores, labels)
-  w = valid.astype(jnp.float32)
-  n = jnp.maximum(jnp.sum(w), 1.0)
   id_loss = jnp.sum(ce * w) / n
   id_acc = jnp.sum((jnp.argmax(scores, -1) == labels) * w) / n
   return ntp + mu * id_loss, {"ntp": ntp, "id": id_loss, "id_acc": id_acc, "ntp_acc": ntp_acc}

@@ -148,7 +148,8 @@ def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng,
                          assets.prefix_ids, assets.bucket_table, assets.bucket_sizes, rand)
 
 
-def make_train_step(graphdef, tx, mu: float, tau: float, mesh, rules, state_sh, batch_sh):
+def make_train_step(graphdef, tx, mu: float, tau: float, mesh, rules, state_sh, batch_sh,
+                    negatives: str = "batch"):
   """Jitted ``step(state, batch, feats) -> (state, metrics)`` of L_NTP + mu L_ID.
 
   ``state`` ({'params', 'opt', 'step'}, shardings ``state_sh``) is donated; ``batch`` is a
@@ -158,7 +159,7 @@ def make_train_step(graphdef, tx, mu: float, tau: float, mesh, rules, state_sh, 
 
   def train_step(st, batch, feats):
     def loss_fn(p):
-      return sigma.sft_loss(nnx.merge(graphdef, p), batch, feats, mu, tau)
+      return sigma.sft_loss(nnx.merge(graphdef, p), batch, feats, mu, tau, negatives)
     with parallel.activation_sharding(mesh, rules):
       (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"])
     updates, opt = tx.update(grads, st["opt"], st["params"])
@@ -193,7 +194,7 @@ def run_sft(cfg, workdir: str) -> dict:
                       np.random.default_rng(0), distributed.host_rows(batch_size))
   batch_sh = {k: parallel.batch_sharding(mesh, v.ndim, rules) for k, v in sample.items()}
   step_fn = make_train_step(graphdef, tx, float(s.mu), float(s.tau), mesh, rules, state_sh,
-                            batch_sh)
+                            batch_sh, str(s.get("id_negatives", "batch")))
 
   ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2)
   meta = {"step": 0}
