@@ -121,9 +121,17 @@ def _stage_seconds(workdir: str, stages) -> float:
   return total
 
 
-def _collab_row(workdir: str) -> dict:
+def _collab_row(cfg, workdir: str) -> dict:
   r = utils.read_json(os.path.join(workdir, "collab", "result.json"))
-  return {"validation": r["validation"], "test": r["test"], "best_epoch": r["best_epoch"]}
+  if bool(r.get("exclude_history", False)) != bool(cfg.dataset.exclude_history):
+    # Trained under the other ranking protocol: the same parameters, ranked as configured now.
+    from sigma_jax.data import loader
+    from sigma_jax.train import collab
+    r = collab.rescore(cfg, loader.load_dataset(cfg, workdir).splits, workdir)
+  row = {"validation": r["validation"], "test": r["test"], "best_epoch": r["best_epoch"]}
+  if "epoch_selected_with_exclude_history" in r:
+    row["epoch_selected_with_exclude_history"] = r["epoch_selected_with_exclude_history"]
+  return row
 
 
 def _model_row(res: dict, per_task: bool) -> dict:
@@ -183,7 +191,7 @@ def main(argv):
                        "sigma_no_apf") if r in _ROWS.value]
   for row in order:
     if row == "collab":
-      rows[row] = _collab_row(workdir)
+      rows[row] = _collab_row(cfg, workdir)
       continue
     res = run_row(cfg, workdir, row, _TAUS.value)
     rows[row] = _model_row(res, per_task)
@@ -196,7 +204,10 @@ def main(argv):
       "protocol": {
           "split": "leave-one-out (TIGER): last item test, second-last validation, history "
                    f"truncated to the last {cfg.dataset.max_history} items",
-          "ranking": "full catalogue; no sampled negatives",
+          "ranking": "full catalogue; no sampled negatives; "
+                     + ("items of the user's own history never recommended (no item repeats "
+                        "within a user's sequence in this data)" if cfg.dataset.exclude_history
+                        else "history items ranked like any other"),
           "task": "per task (all seven where the data allows)" if per_task else
                   "JustForYou (next item), one example per user",
           "num_beams": int(g.num_beams), "top_m": int(g.top_m), "top_n": int(g.top_n),

@@ -98,3 +98,20 @@ def test_mask_history_ranks_history_items_last():
   assert np.argsort(-out[1]).tolist()[:3] == [2, 1, 0]
   assert out[0, 1] == 4.0 and out[1, 2] == 3.0  # others untouched
   assert np.isfinite(out).all()
+
+
+def test_rescore_under_another_protocol(full_run):
+  """A run trained with history items ranked normally, rescored with them excluded (and back)."""
+  from sigma_jax.train.collab import rescore
+  workdir, result = full_run
+  assert result["exclude_history"] is False
+  same = rescore(_cfg(), _splits(), workdir)
+  assert same["best_epoch"] == result["best_epoch"]
+  for split in ("validation", "test"):  # same protocol: exactly the stage's numbers
+    assert same[split] == pytest.approx(result[split])
+  cfg = _cfg()
+  cfg.dataset = ml_collections.ConfigDict(dict(exclude_history=True))
+  other = rescore(cfg, _splits(), workdir)
+  assert other["exclude_history"] and not other["epoch_selected_with_exclude_history"]
+  # The synthetic sequences never repeat an item, so excluding the history cannot hurt recall.
+  assert other["test"]["recall@20"] >= result["test"]["recall@20"] - 1e-9

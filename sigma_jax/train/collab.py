@@ -244,7 +244,7 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
   tx = make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
   graphdef = nnx.split(nnx.eval_shape(lambda: build_model(n, ccfg, seed)), nnx.Param)[0]
   train_step = make_train_step(graphdef, tx)
-  exclude = bool(cfg.dataset.get("exclude_history", False)) if "dataset" in cfg else False
+  exclude = exclude_history(cfg)
   topk_fn = make_topk_fn(graphdef, max(KS), exclude)
   # One explicit device, so fresh and restored states have the same sharding (no recompiles).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -333,6 +333,55 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
   _write_atomic(emb_path, lambda f: np.save(f, emb))
   _write_atomic(result_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
   return result
+
+
+def exclude_history(cfg) -> bool:
+  """``cfg.dataset.exclude_history`` (False when the config has no dataset section)."""
+  return bool(cfg.dataset.get("exclude_history", False)) if "dataset" in cfg else False
+
+
+def rescore(cfg, splits: Splits, workdir: str) -> dict:
+  """Validation and test metrics of a finished collab run under the current ranking protocol.
+
+  For a run whose ``result.json`` was written under another ``dataset.exclude_history``: the
+  same best-epoch parameters (read back from the newest checkpoint), ranked as the config now
+  says. The epoch is not re-selected (that would need every epoch's parameters); the result
+  says under which protocol it was selected. Nothing is written.
+  """
+  ccfg = cfg.collab
+  result = utils.read_json(os.path.join(workdir, "collab", "result.json"))
+  n, seed, max_len = splits.num_items, int(cfg.seed), int(ccfg.max_len)
+  tx = make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
+
+  def init_state():
+    params = nnx.split(build_model(n, ccfg, seed), nnx.Param)[1]
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    return {"train": state, "best_params": params}
+
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          jax.eval_shape(init_state))
+  ckpt = Checkpointer(os.path.join(workdir, "collab", "ckpt"), max_to_keep=2, local=True)
+  try:
+    restored = ckpt.restore(abstract)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/collab/ckpt holds no checkpoint to rescore")
+  _, tree, meta = restored
+  if int(meta["best_epoch"]) != int(result["best_epoch"]):
+    raise ValueError(f"checkpoint best epoch {meta['best_epoch']} != result.json's "
+                     f"{result['best_epoch']}")
+  exclude = exclude_history(cfg)
+  graphdef = nnx.split(nnx.eval_shape(lambda: build_model(n, ccfg, seed)), nnx.Param)[0]
+  topk_fn = make_topk_fn(graphdef, max(KS), exclude)
+  params = tree["best_params"]
+  return {"best_epoch": int(result["best_epoch"]),
+          "validation": evaluate(topk_fn, params, splits.valid_hist, splits.valid_target,
+                                 max_len, n),
+          "test": evaluate(topk_fn, params, splits.test_hist, splits.test_target, max_len, n),
+          "exclude_history": exclude,
+          "epoch_selected_with_exclude_history": bool(result.get("exclude_history", False))}
 
 
 @pipeline.stage("collab")
