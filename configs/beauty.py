@@ -11,6 +11,8 @@ single-task, and the comparison rows share one training recipe.
 Numbers this config gave (test, history items excluded; 2 CPU cores; selected on validation):
   collab  R@10 .0875  N@10 .0536   (SASRec, 40 epochs, epoch by validation NDCG@10)
   sigma   R@10 .0486  N@10 .0239   (small backbone, 3 SFT epochs, APF tau 0.003 by validation)
+  gr_id   R@10 .0340  N@10 .0186   (same SFT recipe)
+  sigma_no_apf R@10 .0443 N@10 .0223 (the sigma model, un-fused ranking)
 docs/RESULTS.md has all rows, the protocol and the wall times.
 """
 from configs import base
