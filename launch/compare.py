@@ -205,9 +205,10 @@ def main(argv):
           "split": "leave-one-out (TIGER): last item test, second-last validation, history "
                    f"truncated to the last {cfg.dataset.max_history} items",
           "ranking": "full catalogue; no sampled negatives; "
-                     + ("items of the user's own history never recommended (no item repeats "
-                        "within a user's sequence in this data)" if cfg.dataset.exclude_history
-                        else "history items ranked like any other"),
+                     + ("items of the user's own history never recommended "
+                        "(dataset.exclude_history; the share of interactions that repeat an "
+                        "earlier item is data/stats.json's repeat_share)"
+                        if cfg.dataset.exclude_history else "history items ranked like any other"),
           "task": "per task (all seven where the data allows)" if per_task else
                   "JustForYou (next item), one example per user",
           "num_beams": int(g.num_beams), "top_m": int(g.top_m), "top_n": int(g.top_n),
