@@ -233,6 +233,20 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
   return jax.tree.map(put, batch)
 
 
+def train_state(tx: Any, params: Any, mesh: Mesh, rules: Rules) -> tuple[dict, dict]:
+  """A fresh {'params', 'opt', 'step'} training state, born sharded, and its shardings.
+
+  Parameters keep their logical shardings, the optimizer state follows them
+  (`optimizer_shardings`), the step counter is replicated.
+  """
+  param_sh = state_shardings(params, mesh, rules)
+  state_sh = {"params": param_sh, "opt": optimizer_shardings(tx, params, param_sh, mesh),
+              "step": replicated(mesh)}
+  state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
+           "step": put_replicated(np.zeros((), np.int32), mesh)}
+  return state, state_sh
+
+
 def put_replicated(x: Any, mesh: Mesh) -> Any:
   """A host array (the same on every process) as a global array replicated over ``mesh``."""
   return jax.tree.map(

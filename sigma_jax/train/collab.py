@@ -191,6 +191,24 @@ def evaluate(topk_fn, params, hist: np.ndarray, target: np.ndarray, max_len: int
   return ranking_metrics(ranked, target, KS, num_items=num_items)
 
 
+def _state_fns(n: int, ccfg, seed: int, tx):
+  """(init_state, its abstract tree on one device, that device) of a collab run.
+
+  The state is {'train': {'params', 'opt_state', 'step'}, 'best_params'}. One explicit device,
+  so fresh and restored states have the same sharding (no recompiles).
+  """
+  def init_state():
+    params = nnx.split(build_model(n, ccfg, seed), nnx.Param)[1]
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    # best_params is a separate buffer: the live params are donated to every train step.
+    return {"train": state, "best_params": jax.tree.map(jnp.copy, params)}
+
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          jax.eval_shape(init_state))
+  return init_state, abstract, device
+
+
 def _write_atomic(path: str, write_fn) -> None:
   utils.atomic_write(path, write_fn, "wb")
 
@@ -235,21 +253,12 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
     raise ValueError("no user has two training items; nothing to train the collab model on")
   steps_per_epoch = math.ceil(num_ex / bs)
 
-  def init_state():
-    params = nnx.split(build_model(n, ccfg, seed), nnx.Param)[1]
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-    # best_params is a separate buffer: the live params are donated to every train step.
-    return {"train": state, "best_params": jax.tree.map(jnp.copy, params)}
-
   tx = make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
+  init_state, abstract, device = _state_fns(n, ccfg, seed, tx)
   graphdef = nnx.split(nnx.eval_shape(lambda: build_model(n, ccfg, seed)), nnx.Param)[0]
   train_step = make_train_step(graphdef, tx)
   exclude = exclude_history(cfg)
   topk_fn = make_topk_fn(graphdef, max(KS), exclude)
-  # One explicit device, so fresh and restored states have the same sharding (no recompiles).
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          jax.eval_shape(init_state))
   meta = {"epoch": 0, "best_epoch": 0, "best_value": None, "history": [], "done": False}
 
   ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2, local=True)
@@ -352,20 +361,9 @@ def rescore(cfg, splits: Splits, workdir: str) -> dict:
   result = utils.read_json(os.path.join(workdir, "collab", "result.json"))
   n, seed, max_len = splits.num_items, int(cfg.seed), int(ccfg.max_len)
   tx = make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
-
-  def init_state():
-    params = nnx.split(build_model(n, ccfg, seed), nnx.Param)[1]
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-    return {"train": state, "best_params": params}
-
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          jax.eval_shape(init_state))
-  ckpt = Checkpointer(os.path.join(workdir, "collab", "ckpt"), max_to_keep=2, local=True)
-  try:
+  _, abstract, _ = _state_fns(n, ccfg, seed, tx)
+  with Checkpointer(os.path.join(workdir, "collab", "ckpt"), max_to_keep=2, local=True) as ckpt:
     restored = ckpt.restore(abstract)
-  finally:
-    ckpt.close()
   if restored is None:
     raise FileNotFoundError(f"{workdir}/collab/ckpt holds no checkpoint to rescore")
   _, tree, meta = restored

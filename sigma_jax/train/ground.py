@@ -128,15 +128,11 @@ def run_ground(cfg, workdir: str) -> dict:
   # The text tower starts from the pretrain stage's decoder when there is one (pretrain.use).
   params["backbone"], pretrained = pretrain.load_into(params["backbone"], workdir, cfg,
                                                       tok.spm_size)
-  param_sh = parallel.state_shardings(params, mesh, rules)
   tx, _ = optim.make_optimizer(g.learning_rate, g.warmup_steps, g.steps, g.weight_decay)
   repl = parallel.replicated(mesh)
-  state_sh = {"params": param_sh,
-              "opt": parallel.optimizer_shardings(tx, params, param_sh, mesh),
-              "step": repl, "best_emb": repl}
-  state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
-           "step": parallel.put_replicated(np.zeros((), np.int32), mesh),
-           "best_emb": parallel.put_replicated(np.zeros((n, int(g.out_dim)), np.float32), mesh)}
+  state, state_sh = parallel.train_state(tx, params, mesh, rules)
+  state_sh["best_emb"] = repl
+  state["best_emb"] = parallel.put_replicated(np.zeros((n, int(g.out_dim)), np.float32), mesh)
   batch_sh = {k: parallel.batch_sharding(mesh, nd, rules)
               for k, nd in (("tokens", 2), ("mask", 2), ("items", 1))}
 

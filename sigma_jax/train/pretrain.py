@@ -117,14 +117,11 @@ def run_pretrain(cfg, workdir: str) -> dict:
   mcfg = model_config(cfg, tok.spm_size)
   graphdef, params = parallel.init_sharded(
       lambda: backbone.Decoder(mcfg, rngs=nnx.Rngs(seed)), mesh, rules)
-  param_sh = parallel.state_shardings(params, mesh, rules)
   steps, bs = int(p.steps), int(p.batch_size)
   tx, _ = optim.make_optimizer(p.learning_rate, p.warmup_steps, steps, p.weight_decay)
   repl = parallel.replicated(mesh)
-  state_sh = {"params": param_sh, "opt": parallel.optimizer_shardings(tx, params, param_sh, mesh),
-              "step": repl}
-  state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
-           "step": parallel.put_replicated(np.zeros((), np.int32), mesh)}
+  state, state_sh = parallel.train_state(tx, params, mesh, rules)
+  param_sh = state_sh["params"]
   ids_sh = parallel.batch_sharding(mesh, 2, rules)
 
   def train_step(st, ids):
@@ -243,11 +240,8 @@ def load_into(params, workdir: str, cfg, spm_size: int) -> tuple[nnx.State, bool
   pre_cfg = model_config(cfg, spm_size)
   abstract = nnx.split(nnx.eval_shape(lambda: backbone.Decoder(pre_cfg, rngs=nnx.Rngs(0))),
                        nnx.Param)[1]
-  ck = checkpoint.Checkpointer(path, max_to_keep=1, async_save=False)
-  try:
+  with checkpoint.Checkpointer(path, max_to_keep=1, async_save=False) as ck:
     restored = ck.restore(abstract)
-  finally:
-    ck.close()
   if restored is None:
     raise FileNotFoundError(f"{path} holds no readable checkpoint; run 'pretrain' again")
   pre_flat = dict(jax.tree_util.tree_flatten_with_path(restored[1])[0])

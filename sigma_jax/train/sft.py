@@ -188,7 +188,6 @@ def run_sft(cfg, workdir: str) -> dict:
   steps_per_epoch = loader.steps_per_epoch(len(examples), batch_size)
   total = int(s.epochs * steps_per_epoch) if s.steps <= 0 else int(s.steps)
   graphdef, state, state_sh, tx, schedule = init_state(cfg, assets, mesh, total, workdir)
-  repl = parallel.replicated(mesh)
   feats = parallel.put_replicated(np.asarray(assets.feats), mesh)
   sample = make_batch(examples, np.arange(batch_size) % len(examples), assets, cfg,
                       np.random.default_rng(0), distributed.host_rows(batch_size))
@@ -255,14 +254,9 @@ def init_state(cfg, assets: Assets, mesh, total_steps: int, workdir: str | None 
   if workdir is not None:
     params["backbone"], _ = pretrain.load_into(params["backbone"], workdir, cfg,
                                                assets.tok.spm_size)
-  param_sh = parallel.state_shardings(params, mesh, cfg.axis_rules)
   tx, schedule = optim.make_optimizer(s.learning_rate, s.warmup_steps, total_steps,
                                       s.weight_decay)
-  repl = parallel.replicated(mesh)
-  state_sh = {"params": param_sh, "opt": parallel.optimizer_shardings(tx, params, param_sh, mesh),
-              "step": repl}
-  state = {"params": params, "opt": jax.jit(tx.init, out_shardings=state_sh["opt"])(params),
-           "step": parallel.put_replicated(np.zeros((), np.int32), mesh)}
+  state, state_sh = parallel.train_state(tx, params, mesh, cfg.axis_rules)
   return graphdef, state, state_sh, tx, schedule
 
 
