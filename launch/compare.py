@@ -144,6 +144,19 @@ def _model_row(res: dict, per_task: bool) -> dict:
   return out
 
 
+def _task_metrics(r: dict, split: str, task: str):
+  """One row's metrics for one task, or None. SASRec (`collab`) is a next-item model: its flat
+  metrics are its JustForYou metrics."""
+  m = r.get(split)
+  if not isinstance(m, dict):
+    return None
+  if isinstance(m.get(task), dict):
+    return m[task]
+  if task == "justforyou" and "hr@10" in m:
+    return m
+  return None
+
+
 def _markdown(name: str, rows: dict, per_task: bool) -> str:
   lines = [f"# {name}: test metrics (selected on validation)", ""]
   if not per_task:
@@ -157,19 +170,32 @@ def _markdown(name: str, rows: dict, per_task: bool) -> str:
   keys = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@10")
   extra = ("constraint_satisfaction@10", "category_coverage@10", "intra_list_diversity@10",
            "long_tail_share@10")
-  tasks = sorted({t for r in rows.values() if "test" in r and isinstance(r["test"], dict)
+  tasks = sorted({t for r in rows.values() if isinstance(r.get("test"), dict)
                   for t in r["test"] if isinstance(r["test"][t], dict)})
+  # Summary: the mean over tasks of each row that has every task (SASRec has only JustForYou).
+  full = {row: r for row, r in rows.items()
+          if tasks and all(_task_metrics(r, "test", t) for t in tasks)}
+  if full:
+    lines += [f"Mean over the {len(tasks)} tasks (each task weighted equally):", "",
+              "| row | mean HR@10 | mean NDCG@10 | validation mean NDCG@10 |", "|---|---|---|---|"]
+    for row, r in full.items():
+      mean = lambda split, k: sum(_task_metrics(r, split, t)[k] for t in tasks) / len(tasks)
+      lines.append(f"| {row} | {mean('test', 'hr@10'):.4f} | {mean('test', 'ndcg@10'):.4f} | "
+                   f"{mean('validation', 'ndcg@10'):.4f} |")
+    lines.append("")
   for task in tasks:
-    present = [k for k in extra if any(k in r["test"].get(task, {}) for r in rows.values()
-                                       if isinstance(r.get("test"), dict))]
+    present = [k for k in extra if any(k in (_task_metrics(r, "test", task) or {})
+                                       for r in rows.values())]
     cols = keys + tuple(present)
-    lines += [f"## {task}", "", "| row | " + " | ".join(cols) + " |",
-              "|---|" + "---|" * len(cols)]
+    n = next((m["num_examples"] for r in rows.values()
+              for m in [_task_metrics(r, "test", task)] if m and "num_examples" in m), None)
+    lines += [f"## {task}" + (f" ({n} test examples)" if n else ""), "",
+              "| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row, r in rows.items():
-      m = r["test"].get(task) if isinstance(r.get("test"), dict) else None
-      if isinstance(m, dict) and "hr@10" in m:
-        lines.append(f"| {row} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in cols)
-                     + " |")
+      m = _task_metrics(r, "test", task)
+      if m:
+        lines.append(f"| {row} | " + " | ".join(
+            f"{m[k]:.4f}" if k in m else "—" for k in cols) + " |")
     lines.append("")
   return "\n".join(lines) + "\n"
 

@@ -1,0 +1,60 @@
+"""launch.compare's tables: the numbers in the Markdown are the JSON's, per task and averaged."""
+from launch import compare
+
+
+def _m(hr10, ndcg10, n, **extra):
+  return dict({"hr@1": hr10 / 4, "hr@5": hr10 / 2, "hr@10": hr10, "hr@20": hr10 * 1.5,
+               "ndcg@10": ndcg10, "num_examples": n}, **extra)
+
+
+def _rows():
+  sigma = {"validation": {"justforyou": _m(.2, .1, 50), "query": _m(.8, .6, 40)},
+           "test": {"justforyou": _m(.3, .15, 50),
+                    "query": _m(.9, .7, 40, **{"constraint_satisfaction@10": 1.0})},
+           "apf": {"chosen_tau": 0.003}}
+  gr_id = {"validation": {"justforyou": _m(.1, .05, 50), "query": _m(.5, .3, 40)},
+           "test": {"justforyou": _m(.1, .05, 50), "query": _m(.7, .5, 40)},
+           "apf": None}
+  collab = {"validation": {"hr@10": .25, "ndcg@10": .12},
+            "test": {"hr@1": .01, "hr@5": .05, "hr@10": .2, "hr@20": .3, "ndcg@10": .11,
+                     "recall@10": .2}}
+  return {"collab": collab, "sigma": sigma, "gr_id": gr_id}
+
+
+def _table(md: str, title: str) -> list:
+  """The data lines of the table under the line starting with ``title``."""
+  lines = md.splitlines()
+  i = next(k for k, line in enumerate(lines) if line.startswith(title))
+  out = []
+  for line in lines[i + 1:]:
+    if line.startswith("## "):
+      break
+    if line.startswith("| ") and not line.startswith("| row"):
+      out.append([c.strip() for c in line.strip("|").split("|")])
+  return out
+
+
+def test_per_task_tables_and_mean():
+  md = compare._markdown("demo", _rows(), per_task=True)
+  summary = {r[0]: r[1:] for r in _table(md, "Mean over the 2 tasks")}
+  # collab has no instruction tasks, so it has no mean; the others average the two tasks.
+  assert set(summary) == {"sigma", "gr_id"}
+  assert summary["sigma"] == ["0.6000", "0.4250", "0.3500"]
+  assert summary["gr_id"] == ["0.4000", "0.2750", "0.1750"]
+  jfy = {r[0]: r[1:] for r in _table(md, "## justforyou (50 test examples)")}
+  assert set(jfy) == {"collab", "sigma", "gr_id"}  # SASRec is a next-item model: JustForYou
+  assert jfy["collab"] == ["0.0100", "0.0500", "0.2000", "0.3000", "0.1100"]
+  assert jfy["sigma"][2] == "0.3000"
+  query = {r[0]: r[1:] for r in _table(md, "## query (40 test examples)")}
+  assert set(query) == {"sigma", "gr_id"}
+  assert query["sigma"][-1] == "1.0000"
+  assert query["gr_id"][-1] == "—"  # a metric a row lacks is shown as missing, not as 0
+
+
+def test_single_task_table():
+  rows = {"collab": {"test": {"recall@5": .01, "ndcg@5": .02, "recall@10": .03, "ndcg@10": .04}},
+          "sigma": {"test": {"recall@5": .05, "ndcg@5": .06, "recall@10": .07, "ndcg@10": .08}}}
+  md = compare._markdown("beauty", rows, per_task=False)
+  got = {r[0]: r[1:] for r in _table(md, "# beauty")}
+  assert got == {"collab": ["0.0100", "0.0200", "0.0300", "0.0400"],
+                 "sigma": ["0.0500", "0.0600", "0.0700", "0.0800"]}
