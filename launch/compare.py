@@ -11,7 +11,6 @@ APF's τ is chosen per row on the validation split (`--taus`); test is evaluated
 chosen τ. Writes docs/results/<dataset>.json and .md (or --out). Resumable like launch.train:
 finished stages and rows are skipped.
 """
-import json
 import os
 import platform
 import sys
