@@ -35,7 +35,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 SHARED = ("data", "text_tokenizer", "collab", "ground", "tokenize")
 MODEL_ROWS = {  # row -> (config overrides, its own stages, the row whose sft it reuses)
     "sigma": ({}, ("sft", "eval"), None),
-    "gr_sid": ({"generation.mode": "gr_sid"}, ("sft", "eval"), None),
+    # Full SIDs in the history: each item takes L + 2 tokens instead of the prefix's P + 2.
+    "gr_sid": ({"generation.mode": "gr_sid", "sft.max_len": 192}, ("sft", "eval"), None),
     "gr_id": ({"generation.mode": "gr_id"}, ("sft", "eval"), None),
     "sigma_no_grounding": ({"tokenizer.source": "raw"}, ("tokenize", "sft", "eval"), None),
     "sigma_no_apf": ({"generation.fuse": False}, ("eval",), "sigma"),
@@ -141,6 +142,63 @@ def _model_row(res: dict, per_task: bool) -> dict:
     out = {split: tasks["justforyou"][split] for split in ("validation", "test")}
   out["apf"] = res["tau"]
   return out
+
+
+def _paired(workdir: str, rows, reference: str = "sigma", k: int = 10) -> dict:
+  """Paired bootstrap of test NDCG@k, reference row minus each other generative row, per task.
+
+  Uses each row's WORKDIR/rows/<row>/eval/ranks.npz (per-example target ranks). Rows evaluated
+  before ranks were saved are listed under "missing"; re-running their eval stage adds them.
+  """
+  import numpy as np
+  from sigma_jax.eval import metrics as M
+
+  def load(row):
+    path = os.path.join(_row_dir(workdir, row), "eval", "ranks.npz")
+    return dict(np.load(path)) if os.path.exists(path) else None
+
+  out = {"reference": reference, "metric": f"ndcg@{k}", "split": "test", "resamples": 2000,
+         "interval": "95% percentile bootstrap over examples, paired", "rows": {}, "missing": []}
+  ref = load(reference) if reference in rows else None
+  if ref is None:
+    out["missing"].append(reference)
+    return out
+  for row in rows:
+    if row in (reference, "collab"):
+      continue
+    other = load(row)
+    if other is None:
+      out["missing"].append(row)
+      continue
+    for key in sorted(ref):
+      task, split = key.split("/")
+      if split == "test" and key in other and len(ref[key]) == len(other[key]):
+        out["rows"].setdefault(row, {})[task] = M.paired_bootstrap(
+            M.ndcg_per_example(ref[key], k), M.ndcg_per_example(other[key], k))
+  return out
+
+
+def _paired_markdown(paired: dict) -> str:
+  if not paired.get("rows"):
+    return ""
+  tasks = sorted({t for r in paired["rows"].values() for t in r})
+  lines = [f"## {paired['reference']} minus each row: test {paired['metric'].upper()}, "
+           f"{paired['interval']} ({paired['resamples']} resamples; * the interval excludes 0)",
+           "", "| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+  for row, r in paired["rows"].items():
+    cells = []
+    for t in tasks:
+      c = r.get(t)
+      if c is None:
+        cells.append("—")
+        continue
+      star = "*" if c["ci95_low"] > 0 or c["ci95_high"] < 0 else ""
+      cells.append(f"{c['diff']:+.4f}{star} [{c['ci95_low']:+.4f}, {c['ci95_high']:+.4f}]")
+    lines.append(f"| {row} | " + " | ".join(cells) + " |")
+  if paired["missing"]:
+    lines += ["", f"No per-example ranks for: {', '.join(paired['missing'])} (evaluated before "
+                  "eval/ranks.npz existed; delete the row's eval/ and re-run to add it)."]
+  return "\n".join(lines) + "\n"
 
 
 def _task_metrics(r: dict, split: str, task: str):
@@ -249,11 +307,12 @@ def main(argv):
       "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
       "command": "python -m launch.compare " + " ".join(sys.argv[1:]),
   }
+  result["paired_vs_sigma"] = _paired(workdir, rows)
+  md = _markdown(name, rows, per_task) + "\n" + _paired_markdown(result["paired_vs_sigma"])
   os.makedirs(_OUT.value, exist_ok=True)
   utils.write_json(os.path.join(_OUT.value, f"{name}.json"), result)
-  utils.write_bytes(os.path.join(_OUT.value, f"{name}.md"),
-                    _markdown(name, rows, per_task).encode())
-  print(_markdown(name, rows, per_task))
+  utils.write_bytes(os.path.join(_OUT.value, f"{name}.md"), md.encode())
+  print(md)
 
 
 if __name__ == "__main__":

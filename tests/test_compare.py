@@ -58,3 +58,37 @@ def test_single_task_table():
   got = {r[0]: r[1:] for r in _table(md, "# beauty")}
   assert got == {"collab": ["0.0100", "0.0200", "0.0300", "0.0400"],
                  "sigma": ["0.0500", "0.0600", "0.0700", "0.0800"]}
+
+
+def test_paired_bootstrap_between_rows(tmp_path):
+  import os
+
+  import numpy as np
+
+  def save(row, **ranks):
+    d = tmp_path / "rows" / row / "eval"
+    os.makedirs(d)
+    np.savez(d / "ranks.npz", **ranks)
+
+  n = 300
+  rng = np.random.default_rng(0)
+  sigma_jfy = rng.integers(-1, 20, n)
+  # gr_id is sigma with every JustForYou hit pushed out of the list: sigma is better on that
+  # task for sure; on Query the two are identical.
+  save("sigma", **{"justforyou/test": sigma_jfy, "justforyou/validation": sigma_jfy[:10],
+                   "query/test": np.arange(n) % 12})
+  save("gr_id", **{"justforyou/test": np.full(n, -1), "query/test": np.arange(n) % 12})
+  rows = {"collab": {}, "sigma": {}, "gr_id": {}, "gr_sid": {}}
+  out = compare._paired(str(tmp_path), rows)
+  assert out["missing"] == ["gr_sid"]  # no ranks.npz: listed, not silently dropped
+  assert set(out["rows"]) == {"gr_id"} and set(out["rows"]["gr_id"]) == {"justforyou", "query"}
+  jfy = out["rows"]["gr_id"]["justforyou"]
+  hit = (sigma_jfy >= 0) & (sigma_jfy < 10)
+  want = np.where(hit, 1 / np.log2(np.maximum(sigma_jfy, 0) + 2), 0).mean()
+  assert np.isclose(jfy["diff"], want) and jfy["ci95_low"] > 0
+  assert out["rows"]["gr_id"]["query"]["diff"] == 0.0
+  md = compare._paired_markdown(out)
+  line = next(x for x in md.splitlines() if x.startswith("| gr_id"))
+  assert f"+{want:.4f}*" in line  # significant: starred
+  assert "+0.0000 [+0.0000, +0.0000]" in line  # identical: no star
+  assert "No per-example ranks for: gr_sid" in md

@@ -3,8 +3,11 @@ import json
 import os
 import time
 
+import numpy as np
+
 from conftest import FAST_DEMO, run_train
 from sigma_jax.data import tasks
+from sigma_jax.eval import metrics
 
 STAGES = ("data", "text_tokenizer", "collab", "ground", "tokenize", "sft", "eval")
 
@@ -24,6 +27,15 @@ def test_every_stage_done_and_all_tasks_evaluated(demo_workdir):
       if task in tasks.HARD_CONSTRAINT_TASKS:
         # Constrained decoding: every returned item satisfies the instruction.
         assert r["constraint_satisfaction@10"] == 1.0, (task, split)
+  # Per-example target ranks (for paired tests) agree with the reported metrics.
+  ranks = np.load(os.path.join(demo_workdir, "eval", "ranks.npz"))
+  assert set(ranks.files) == {f"{t}/{s}" for t in m["tasks"] for s in ("validation", "test")}
+  for key in ranks.files:
+    task, split = key.split("/")
+    r, want = ranks[key], m["tasks"][task][split]
+    assert len(r) == want["num_examples"], key
+    assert np.isclose(((r >= 0) & (r < 10)).mean(), want["hr@10"]), key
+    assert np.isclose(metrics.ndcg_per_example(r, 10).mean(), want["ndcg@10"]), key
   with open(os.path.join(demo_workdir, "tokenize", "report.json")) as f:
     assert json.load(f)["collision_rate_after"] == 0.0
   with open(os.path.join(demo_workdir, "sft", "tasks.json")) as f:

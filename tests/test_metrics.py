@@ -84,3 +84,38 @@ def test_long_tail_share_and_constraints():
   assert M.constraint_satisfaction(ranked, allowed) == pytest.approx(4 / 8)
   even = lambda r: r % 2 == 0  # pads are -1 (odd) anyway; repeats must still be rejected
   assert M.constraint_satisfaction(np.array([[0, 0, 2, -2]]), even) == pytest.approx(2 / 4)
+
+
+def test_ndcg_per_example_averages_to_ranking_metrics():
+  ranked = np.array([[5, 3, 9], [1, 2, 4], [7, 8, 6], [0, 1, 2]])
+  target = np.array([9, 1, 3, 2])  # ranks 2, 0, absent, 2
+  rank = M.target_rank(ranked, target)
+  np.testing.assert_array_equal(rank, [2, 0, -1, 2])
+  per = M.ndcg_per_example(rank, 3)
+  np.testing.assert_allclose(per, [0.5, 1.0, 0.0, 0.5])
+  assert np.isclose(per.mean(), M.ranking_metrics(ranked, target, ks=(3,))["ndcg@3"])
+  np.testing.assert_allclose(M.ndcg_per_example(rank, 2), [0.0, 1.0, 0.0, 0.0])
+
+
+def test_paired_bootstrap():
+  rng = np.random.default_rng(1)
+  a = rng.random(400)
+  same = M.paired_bootstrap(a, a)
+  assert same["diff"] == same["ci95_low"] == same["ci95_high"] == 0.0
+  # b = a - 0.05 + small noise: the paired interval is tight around 0.05 and excludes 0,
+  # although the two score distributions overlap almost entirely.
+  b = a - 0.05 + rng.normal(0, 0.01, 400)
+  r = M.paired_bootstrap(a, b)
+  assert r["ci95_low"] < r["diff"] < r["ci95_high"]
+  assert 0.04 < r["ci95_low"] and r["ci95_high"] < 0.06
+  assert r["num_examples"] == 400
+  # Pure noise around the same mean: the interval covers 0, and its half-width is about
+  # 1.96 standard errors of the mean difference.
+  c = a + rng.normal(0, 0.2, 400)
+  r = M.paired_bootstrap(a, c, num_resamples=4000)
+  se = np.std(a - c) / np.sqrt(400)
+  assert r["ci95_low"] < r["diff"] < r["ci95_high"]
+  assert abs((r["ci95_high"] - r["ci95_low"]) / 2 - 1.96 * se) < 0.25 * 1.96 * se
+  assert M.paired_bootstrap(a, c, seed=3) == M.paired_bootstrap(a, c, seed=3)
+  with pytest.raises(ValueError, match="same 1-D shape"):
+    M.paired_bootstrap(a, a[:10])

@@ -264,3 +264,36 @@ def _check_k(ranked: np.ndarray, k: int) -> None:
   if k < 1 or k > np.asarray(ranked).shape[1]:
     raise ValueError(f"cut-off {k} needs lists of at least {k} items; got "
                      f"{np.asarray(ranked).shape[1]}")
+
+
+def ndcg_per_example(rank: np.ndarray, k: int) -> np.ndarray:
+  """Each example's NDCG@k from its target's 0-based rank (-1: not in the list); one target."""
+  rank = np.asarray(rank)
+  hit = (rank >= 0) & (rank < k)
+  return np.where(hit, 1.0 / np.log2(np.maximum(rank, 0) + 2.0), 0.0)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, num_resamples: int = 2000,
+                     seed: int = 0) -> dict:
+  """Mean of a - b over the same examples, with a 95% percentile interval from resampling
+  examples (both systems keep each resampled example, so the pairing is preserved).
+
+  Args:
+    a, b: [M] per-example scores of two systems on the same M examples, in the same order.
+    num_resamples: bootstrap resamples.
+    seed: seeds the resampling, so the interval is reproducible.
+
+  Returns:
+    {"diff", "ci95_low", "ci95_high", "num_examples"}.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"paired scores need the same 1-D shape, got {a.shape} and {b.shape}")
+  if not a.size:
+    raise ValueError("paired_bootstrap needs at least one example")
+  d = a - b
+  idx = np.random.default_rng(seed).integers(0, d.size, size=(num_resamples, d.size))
+  means = d[idx].mean(axis=1)
+  lo, hi = np.percentile(means, [2.5, 97.5])
+  return {"diff": float(d.mean()), "ci95_low": float(lo), "ci95_high": float(hi),
+          "num_examples": int(d.size)}

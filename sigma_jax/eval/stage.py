@@ -71,8 +71,12 @@ def task_metrics(ranked: np.ndarray, ex, ds: loader.Dataset, extras: dict) -> di
 
 
 def evaluate(cfg, ds, gen, splits=("validation", "test"), task_names=None, tau=None,
-             limit=None, progress=True) -> dict:
-  """{task: {split: metrics}} for every available task (or `task_names`)."""
+             limit=None, progress=True, ranks_out: dict | None = None) -> dict:
+  """{task: {split: metrics}} for every available task (or `task_names`).
+
+  With ``ranks_out`` (a dict), also fills ``ranks_out["<task>/<split>"]`` with each example's
+  0-based rank of its target (-1: not in the list), for paired comparisons between systems.
+  """
   _, membership = tasks_lib.item_categories(ds)
   extras = {"membership": membership,
             "tail": tasks_lib.tail_items(ds.splits, cfg.tasks.longtail_head_share)}
@@ -84,6 +88,8 @@ def evaluate(cfg, ds, gen, splits=("validation", "test"), task_names=None, tau=N
         continue
       ranked = rank_examples(gen, ex, int(cfg.generation.eval_batch), tau, limit, progress)
       results.setdefault(name, {})[split] = task_metrics(ranked, ex, ds, extras)
+      if ranks_out is not None:
+        ranks_out[f"{name}/{split}"] = M.target_rank(ranked, ex.target[:len(ranked)])
   return results
 
 
@@ -99,8 +105,9 @@ def load_generator(cfg, workdir: str, mode=None, fuse=None):
 def run_eval(cfg, workdir: str) -> dict:
   ds, gen, step = load_generator(cfg, workdir)
   limit = int(cfg.generation.eval_limit) or None
+  ranks = {}
   results = evaluate(cfg, ds, gen, task_names=sft.task_list(cfg.generation.eval_tasks),
-                     limit=limit, progress=bool(cfg.get("progress", True)))
+                     limit=limit, progress=bool(cfg.get("progress", True)), ranks_out=ranks)
   g = cfg.generation
   available, unavailable = tasks_lib.available_tasks(ds)
   out = {"tasks": results, "mode": gen.mode, "fused": gen.spec.fuse, "sft_step": int(step),
@@ -115,5 +122,8 @@ def run_eval(cfg, workdir: str) -> dict:
                       "top_n": int(g.top_n), "apf_tau": float(g.apf_tau),
                       "invalid_or_duplicate_items": "impossible by construction; measured as "
                                                     "invalid_share"}}
+  # Per-example target ranks, for paired tests between rows (launch.compare).
+  utils.atomic_write(os.path.join(workdir, "eval", "ranks.npz"),
+                     lambda f: np.savez(f, **ranks), "wb")
   utils.write_json(os.path.join(workdir, "eval", "metrics.json"), out)
   return {t: {s: round(v.get("hr@10", 0.0), 4) for s, v in r.items()} for t, r in results.items()}
