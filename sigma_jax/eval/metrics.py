@@ -131,7 +131,7 @@ def ranking_metrics(ranked: np.ndarray, target: np.ndarray,
   out = {}
   for k in ks:
     hit = (rank >= 0) & (rank < k)
-    gain = np.where(hit, 1.0 / np.log2(np.maximum(rank, 0) + 2.0), 0.0)
+    gain = ndcg_per_example(rank, k)
     out[f"recall@{k}"] = out[f"hr@{k}"] = float(hit.mean()) if hit.size else 0.0
     out[f"ndcg@{k}"] = float(gain.mean()) if gain.size else 0.0
   out[f"invalid@{kmax}"] = invalid_share(ranked[:, :kmax], num_items)
