@@ -30,6 +30,9 @@ _TAUS = flags.DEFINE_list("taus", ["0.003", "0.01", "0.03", "0.1"],
 _TAU_LIMIT = flags.DEFINE_integer("tau_limit", 0, "Validation examples per task used to choose "
                                   "τ (0: all); test always uses every example.")
 _OUT = flags.DEFINE_string("out", "docs/results", "Directory for <dataset>.json and .md.")
+_SELECT_ONLY = flags.DEFINE_bool(
+    "select_only", False, "Validation only: train each row and run its τ sweep, print the "
+    "validation table, and evaluate nothing on test (for choosing hyper-parameters).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 SHARED = ("data", "text_tokenizer", "collab", "ground", "tokenize")
@@ -105,6 +108,8 @@ def run_row(cfg, workdir: str, row: str, taus) -> dict:
     rcfg.generation.apf_tau = sweep["chosen_tau"]
   elif reuse:  # the un-fused ranking has no τ; record which model it ranks
     sweep = {"reuses_sft_of": reuse}
+  if _SELECT_ONLY.value:
+    return {"metrics": None, "tau": sweep}
   rcfg.stages = "eval"
   pipeline.run(rcfg, rdir)
   metrics = utils.read_json(os.path.join(rdir, "eval", "metrics.json"))
@@ -257,6 +262,18 @@ def _markdown(name: str, rows: dict, per_task: bool) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _selection_markdown(sweeps: dict) -> str:
+  """The validation τ sweeps of ``--select_only``: one line per row and τ."""
+  lines = ["| row | τ | validation mean NDCG@10 | examples per task |", "|---|---|---|---|"]
+  for row, sw in sweeps.items():
+    if not sw or "validation_mean_ndcg@10" not in sw:
+      continue
+    for tau, v in sw["validation_mean_ndcg@10"].items():
+      star = " (chosen)" if float(tau) == sw["chosen_tau"] else ""
+      lines.append(f"| {row} | {tau}{star} | {v:.4f} | {sw['validation_examples_per_task']} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -277,10 +294,16 @@ def main(argv):
       rows[row] = _collab_row(cfg, workdir)
       continue
     res = run_row(cfg, workdir, row, _TAUS.value)
+    if _SELECT_ONLY.value:
+      rows[row] = res["tau"]
+      continue
     rows[row] = _model_row(res, per_task)
     own = MODEL_ROWS[row][1]
     timing[row] = round(_stage_seconds(_row_dir(workdir, row), own) +
                         float((res["tau"] or {}).get("wall_time_s", 0.0)), 1)
+  if _SELECT_ONLY.value:
+    print(_selection_markdown(rows))
+    return
   g = cfg.generation
   result = {
       "rows": rows,

@@ -92,3 +92,13 @@ def test_paired_bootstrap_between_rows(tmp_path):
   assert f"+{want:.4f}*" in line  # significant: starred
   assert "+0.0000 [+0.0000, +0.0000]" in line  # identical: no star
   assert "No per-example ranks for: gr_sid" in md
+
+
+def test_selection_table_marks_the_chosen_tau():
+  sweeps = {"collab": {"validation": {}, "test": {}},  # not a sweep: left out
+            "sigma": {"validation_mean_ndcg@10": {"0.001": .031, "0.003": .029},
+                      "chosen_tau": 0.001, "validation_examples_per_task": 3000},
+            "sigma_no_apf": {"reuses_sft_of": "sigma"}}
+  lines = compare._selection_markdown(sweeps).splitlines()
+  assert lines[2:] == ["| sigma | 0.001 (chosen) | 0.0310 | 3000 |",
+                       "| sigma | 0.003 | 0.0290 | 3000 |"]
