@@ -323,6 +323,7 @@ def main(argv):
           "selection": "collab: epoch by validation NDCG@10; sigma rows: APF τ by validation "
                        "mean NDCG@10; test evaluated once",
           "sft": {"epochs": float(cfg.sft.epochs), "tasks": cfg.sft.tasks or "all available",
+                  "id_negatives": str(cfg.sft.id_negatives),
                   "backbone": cfg.model.size},
       },
       "wall_time_s": round(sum(timing.values()), 1),
