@@ -181,10 +181,15 @@ def test_killed_and_resumed_run_is_bitwise_identical(demo_workdir, tmp_path):
     assert _done(workdir, stage), stage
   _check_no_partial_artifacts(workdir)
 
+  # Compared as a list of differing paths: asserting `bytes == bytes` directly would make
+  # pytest diff megabytes of binary on failure, which takes longer than the whole suite.
+  differ = []
   for rel in ARTIFACTS:
     with open(os.path.join(demo_workdir, rel), "rb") as a, \
         open(os.path.join(workdir, rel), "rb") as b:
-      assert a.read() == b.read(), f"{rel} differs from the uninterrupted run"
+      if a.read() != b.read():
+        differ.append(rel)
+  assert not differ, f"differ from the uninterrupted run: {differ}"
   step_ref, ref = _sft_params(demo_workdir)
   step, got = _sft_params(workdir)
   assert step == step_ref and ref.keys() == got.keys()
