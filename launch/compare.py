@@ -291,7 +291,8 @@ def main(argv):
                        "sigma_no_apf") if r in _ROWS.value]
   for row in order:
     if row == "collab":
-      rows[row] = _collab_row(cfg, workdir)
+      if not _SELECT_ONLY.value:  # its row is test metrics (and may re-score on test)
+        rows[row] = _collab_row(cfg, workdir)
       continue
     res = run_row(cfg, workdir, row, _TAUS.value)
     if _SELECT_ONLY.value:
