@@ -8,6 +8,7 @@ readable step before it is used instead.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -75,6 +76,15 @@ class Checkpointer:
       meta: JSON-serialisable dict.
     """
     step = int(step)
+    # Orbax serialises the JSON in its background commit, after this returns, and the training
+    # loops mutate `meta` on their next iteration: a slow writer (a loaded machine) would store a
+    # later step's data position beside this step's weights. Snapshot it now; this also turns a
+    # non-JSON value into an error here rather than in the background thread.
+    try:
+      meta = json.loads(json.dumps(meta))
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"checkpoint meta for step {step} in {self.directory} is not "
+                      f"JSON-serialisable: {e}") from e
     self._mngr.wait_until_finished()
     if step in self._mngr.all_steps():
       # A step restored past (a corrupt newer one) or re-run after a fallback is overwritten.

@@ -1,9 +1,12 @@
 """Round trips of sigma_jax.checkpoint.Checkpointer, sharded and corrupted."""
+import asyncio
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sigma_jax.checkpoint import Checkpointer
@@ -59,4 +62,39 @@ def test_fallback_on_corrupt_latest(tmp_path, caplog):
   ckpt.wait()
   step, restored, _ = ckpt.restore(jax.eval_shape(lambda: _state(1.0)))
   assert step == 2 and float(restored["b"][0]) == 5.0
+  ckpt.close()
+
+
+def test_meta_is_captured_when_save_is_called(tmp_path, monkeypatch):
+  """The training loops keep mutating their meta dict after `save` returns (meta["step"] += 1);
+  the asynchronous write must store the values at the call, not whatever the dict holds when
+  the background thread gets to it, or a resume pairs step-N weights with a later data position.
+
+  Orbax serialises the JSON in its background commit; a loaded machine delays it. The delay is
+  made certain here by slowing that write down.
+  """
+  handler = ocp.handlers.JsonCheckpointHandler
+  write = handler._save_fn
+
+  async def slow_write(self, x, directory):
+    await asyncio.sleep(0.5)
+    await write(self, x, directory)
+
+  monkeypatch.setattr(handler, "_save_fn", slow_write)
+  ckpt = Checkpointer(str(tmp_path / "ck"), max_to_keep=2)
+  meta = {"step": 10, "best": {"val": 0.5, "steps": [10]}}
+  ckpt.save(10, _state(1.0), meta)
+  meta["step"] = 11  # what ground/sft do on their very next iteration
+  meta["best"]["val"] = 0.9
+  meta["best"]["steps"].append(11)
+  ckpt.wait()
+  _, _, saved = ckpt.restore(jax.eval_shape(lambda: _state(1.0)))
+  assert saved == {"step": 10, "best": {"val": 0.5, "steps": [10]}}
+  ckpt.close()
+
+
+def test_meta_that_is_not_json_fails_at_the_call(tmp_path):
+  ckpt = Checkpointer(str(tmp_path / "ck"))
+  with pytest.raises(TypeError, match="meta"):
+    ckpt.save(1, _state(1.0), {"step": 1, "when": object()})
   ckpt.close()
