@@ -102,7 +102,7 @@ def run_row(cfg, workdir: str, row: str, taus) -> dict:
   sweep = None
   if "sft" in own:
     rcfg.stages = ",".join(s for s in own if s != "eval")
-    pipeline.run(rcfg, rdir)
+    pipeline.run(rcfg, rdir, strict=True)
   if rcfg.generation.mode == "sigma" and rcfg.generation.fuse:
     sweep = _select_tau(rcfg, rdir, taus)
     rcfg.generation.apf_tau = sweep["chosen_tau"]
@@ -111,7 +111,7 @@ def run_row(cfg, workdir: str, row: str, taus) -> dict:
   if _SELECT_ONLY.value:
     return {"metrics": None, "tau": sweep}
   rcfg.stages = "eval"
-  pipeline.run(rcfg, rdir)
+  pipeline.run(rcfg, rdir, strict=True)
   metrics = utils.read_json(os.path.join(rdir, "eval", "metrics.json"))
   return {"metrics": metrics, "tau": sweep}
 
@@ -284,7 +284,7 @@ def main(argv):
   name = cfg.dataset.name
   shared = cfg.copy_and_resolve_references()
   shared.stages = ",".join(SHARED)
-  pipeline.run(shared, workdir)
+  pipeline.run(shared, workdir, strict=True)
   per_task = bool(cfg.dataset.name in ("movielens", "demo"))
   rows, timing = {}, {s: _stage_seconds(workdir, [s]) for s in SHARED}
   order = [r for r in ("collab", "sigma", "gr_sid", "gr_id", "sigma_no_grounding",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -44,6 +45,60 @@ def parse_stages(spec) -> list[str]:
   return [s for s in ORDER if s in names]
 
 
+# The config a stage's artifacts depend on: its own sections and those of every stage before it
+# (a stage reads its predecessors' artifacts). Logging and checkpoint cadence do not count.
+_READS = {
+    "data": ("seed", "dataset"),
+    "text_tokenizer": ("text",),
+    "collab": ("collab",),
+    "pretrain": ("pretrain", "model"),
+    "ground": ("ground", "model"),
+    "tokenize": ("tokenizer",),
+    "sft": ("sft", "tasks", "generation.mode"),
+    "eval": ("generation", "dataset.exclude_history"),
+}
+# Read only when ranking (the collab row is re-scored under a changed protocol), so not part of
+# the data stage's recipe.
+_RANKING = frozenset({"dataset.exclude_history"})
+_CADENCE = frozenset({"log_every", "ckpt_every", "eval_batch", "encode_batch", "tfds_dir",
+                      "manual_dir"})
+
+
+def recipe(cfg, name: str, workdir: str) -> dict:
+  """{dotted key: value} of the config that stage ``name``'s artifacts in ``workdir`` depend on
+  (the optional pretrain stage's only when it has run there)."""
+  flat = {}
+
+  def walk(prefix, node, top):
+    if hasattr(node, "items"):
+      for k, v in node.items():
+        walk(f"{prefix}.{k}", v, top)
+    elif prefix.rsplit(".", 1)[-1] not in _CADENCE and (prefix == top or prefix not in _RANKING):
+      flat[prefix] = node
+
+  for stage_name in ORDER[:ORDER.index(name) + 1]:
+    if stage_name == "pretrain" and name != "pretrain" and not is_done(workdir, "pretrain"):
+      continue
+    for key in _READS[stage_name]:
+      node = cfg
+      for part in key.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+      if node is not None:
+        walk(key, node, key)
+  return json.loads(json.dumps(flat, sort_keys=True, default=str))  # tuples -> lists
+
+
+def recipe_changes(cfg, workdir: str, name: str) -> list[str]:
+  """'key: recorded -> now' for each config value a finished stage was run under and that the
+  current config changes; empty when they agree or the stage recorded no recipe."""
+  path = os.path.join(workdir, name, "recipe.json")
+  if not os.path.exists(path):
+    return []
+  before, now = utils.read_json(path), recipe(cfg, name, workdir)
+  return [f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}"
+          for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+
+
 def done_marker(workdir: str, name: str) -> str:
   return os.path.join(workdir, name, "DONE.json")
 
@@ -52,8 +107,12 @@ def is_done(workdir: str, name: str) -> bool:
   return os.path.exists(done_marker(workdir, name))
 
 
-def run(cfg, workdir: str) -> dict:
-  """Runs the stages of ``cfg.stages`` in order; returns each stage's summary."""
+def run(cfg, workdir: str, strict: bool = False) -> dict:
+  """Runs the stages of ``cfg.stages`` in order; returns each stage's summary.
+
+  A finished stage is skipped. When the config it was run under (``recipe``) differs from
+  ``cfg``, that is logged as a warning, or raised as a ValueError when ``strict``.
+  """
   from sigma_jax import config_checks  # imported here: it imports the stage modules
   config_checks.validate(cfg, workdir)  # contradictions are errors before any work is done
   os.makedirs(workdir, exist_ok=True)
@@ -61,6 +120,14 @@ def run(cfg, workdir: str) -> dict:
   multi = distributed.process_count() > 1
   for name in parse_stages(cfg.stages):
     if is_done(workdir, name):
+      changes = recipe_changes(cfg, workdir, name)
+      if changes:
+        msg = (f"stage {name}: {os.path.join(workdir, name)} was finished under another config "
+               f"({'; '.join(changes)}); its artifacts are what later stages read. Use a new "
+               f"work directory, or delete that stage directory to re-run it.")
+        if strict:
+          raise ValueError(msg)
+        logging.warning("%s Reusing it.", msg)
       logging.info("stage %s: already done, skipped", name)
       summaries[name] = utils.read_json(done_marker(workdir, name))
       continue
@@ -77,6 +144,7 @@ def run(cfg, workdir: str) -> dict:
     logging.info("stage %s: running", name)
     summary = STAGES[name](cfg, workdir) or {}
     summary = dict(summary, stage=name, wall_time_s=round(time.time() - start, 3))
+    utils.write_json(os.path.join(workdir, name, "recipe.json"), recipe(cfg, name, workdir))
     utils.write_json(done_marker(workdir, name), summary)  # process 0 only
     summaries[name] = summary
     if multi:

@@ -30,9 +30,23 @@ def test_data_stage_from_the_command_line_then_skipped(tmp_path):
   assert stats["splits"]["validation"]["interactions"] == 300
   assert stats["splits"]["train"]["interactions"] == 10664 - 600
   assert stats["protocol"]["max_history"] == 10  # the override reached the config
+  same = _train(workdir, "--config.stages=data", "--config.dataset.max_history=10")
+  assert same.returncode == 0, same.stderr[-3000:]
+  assert "already done, skipped" in same.stderr
+  assert "another config" not in same.stderr
+  # A finished stage is still reused under a changed config, but not silently.
   again = _train(workdir, "--config.stages=data")
   assert again.returncode == 0, again.stderr[-3000:]
   assert "already done, skipped" in again.stderr
+  assert "was finished under another config (dataset.max_history: 10 -> 20)" in again.stderr
+  # launch.compare runs strict: a table must not mix recipes.
+  cfg = __import__("configs.demo", fromlist=["get_config"]).get_config()
+  cfg.stages = "data"
+  with pytest.raises(ValueError, match=r"dataset.max_history: 10 -> 20"):
+    pipeline.run(cfg, workdir, strict=True)
+  cfg.dataset.max_history = 10
+  cfg.progress = False  # not part of the recipe
+  assert pipeline.run(cfg, workdir, strict=True)["data"]["num_users"] == 300
 
 
 def test_bad_override_and_unknown_stage_fail_clearly(tmp_path):
