@@ -46,7 +46,7 @@ def parse_stages(spec) -> list[str]:
 
 
 # The config a stage's artifacts depend on: its own sections and those of every stage before it
-# (a stage reads its predecessors' artifacts). Logging and checkpoint cadence do not count.
+# (a stage reads its predecessors' artifacts). Keys in _INCIDENTAL do not count.
 _READS = {
     "data": ("seed", "dataset"),
     "text_tokenizer": ("text",),
@@ -60,8 +60,10 @@ _READS = {
 # Read only when ranking (the collab row is re-scored under a changed protocol), so not part of
 # the data stage's recipe.
 _RANKING = frozenset({"dataset.exclude_history"})
-_CADENCE = frozenset({"log_every", "ckpt_every", "eval_batch", "encode_batch", "tfds_dir",
-                      "manual_dir"})
+# Logging and checkpoint cadence, inference batch sizes and data locations: they change how a
+# stage runs, not what it computes.
+_INCIDENTAL = frozenset({"log_every", "ckpt_every", "eval_batch", "encode_batch", "tfds_dir",
+                         "manual_dir"})
 
 
 def recipe(cfg, name: str, workdir: str) -> dict:
@@ -73,7 +75,7 @@ def recipe(cfg, name: str, workdir: str) -> dict:
     if hasattr(node, "items"):
       for k, v in node.items():
         walk(f"{prefix}.{k}", v, top)
-    elif prefix.rsplit(".", 1)[-1] not in _CADENCE and (prefix == top or prefix not in _RANKING):
+    elif prefix.rsplit(".", 1)[-1] not in _INCIDENTAL and (prefix == top or prefix not in _RANKING):
       flat[prefix] = node
 
   for stage_name in ORDER[:ORDER.index(name) + 1]:
@@ -91,12 +93,16 @@ def recipe(cfg, name: str, workdir: str) -> dict:
 def recipe_changes(cfg, workdir: str, name: str) -> list[str]:
   """'key: recorded -> now' for each config value a finished stage was run under and that the
   current config changes; empty when they agree or the stage recorded no recipe."""
-  path = os.path.join(workdir, name, "recipe.json")
+  path = recipe_path(workdir, name)
   if not os.path.exists(path):
     return []
   before, now = utils.read_json(path), recipe(cfg, name, workdir)
   return [f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}"
           for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+
+
+def recipe_path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, name, "recipe.json")
 
 
 def done_marker(workdir: str, name: str) -> str:
@@ -144,7 +150,7 @@ def run(cfg, workdir: str, strict: bool = False) -> dict:
     logging.info("stage %s: running", name)
     summary = STAGES[name](cfg, workdir) or {}
     summary = dict(summary, stage=name, wall_time_s=round(time.time() - start, 3))
-    utils.write_json(os.path.join(workdir, name, "recipe.json"), recipe(cfg, name, workdir))
+    utils.write_json(recipe_path(workdir, name), recipe(cfg, name, workdir))
     utils.write_json(done_marker(workdir, name), summary)  # process 0 only
     summaries[name] = summary
     if multi:
