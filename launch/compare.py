@@ -65,25 +65,39 @@ def _row_dir(workdir: str, row: str) -> str:
 
 
 def _select_tau(cfg, rdir: str, taus) -> dict:
-  """Validation-only sweep of APF's τ; the chosen τ is the one with the best mean NDCG@10."""
+  """Validation-only sweep of APF's τ; the chosen τ is the one with the best mean NDCG@10.
+
+  The sweep is cached in ``tau_sweep.json``. A re-run with another grid evaluates only the τ
+  values the cache lacks, and chooses among the requested grid alone; a cache made on a
+  different number of validation examples is not reused.
+  """
   path = os.path.join(rdir, "tau_sweep.json")
-  if os.path.exists(path):
-    return utils.read_json(path)
-  from sigma_jax.eval import stage as eval_stage
-  from sigma_jax.train import sft
-  ds, gen, _ = eval_stage.load_generator(cfg, rdir)
-  names = sft.task_list(cfg.generation.eval_tasks)
   limit = int(_TAU_LIMIT.value or cfg.generation.eval_limit) or None
-  sweep, start = {}, time.time()
-  for tau in taus:
-    res = eval_stage.evaluate(cfg, ds, gen, splits=("validation",), task_names=names,
-                              tau=float(tau), limit=limit, progress=False)
-    sweep[str(tau)] = sum(r["validation"]["ndcg@10"] for r in res.values()) / len(res)
+  examples = "all" if limit is None else limit
+  cached = utils.read_json(path) if os.path.exists(path) else {}
+  if cached.get("validation_examples_per_task") != examples:
+    cached = {}
+  known = {float(t): v for t, v in cached.get("validation_mean_ndcg@10", {}).items()}
+  missing = [float(t) for t in taus if float(t) not in known]
+  start = time.time()
+  if missing:
+    from sigma_jax.eval import stage as eval_stage
+    from sigma_jax.train import sft
+    ds, gen, _ = eval_stage.load_generator(cfg, rdir)
+    names = sft.task_list(cfg.generation.eval_tasks)
+    for tau in missing:
+      res = eval_stage.evaluate(cfg, ds, gen, splits=("validation",), task_names=names,
+                                tau=tau, limit=limit, progress=False)
+      known[tau] = sum(r["validation"]["ndcg@10"] for r in res.values()) / len(res)
+  sweep = {str(float(t)): known[float(t)] for t in taus}
   best = max(sweep, key=sweep.get)
   out = {"validation_mean_ndcg@10": sweep, "chosen_tau": float(best),
-         "validation_examples_per_task": "all" if limit is None else limit,
-         "wall_time_s": round(time.time() - start, 1)}
-  utils.write_json(path, out)
+         "validation_examples_per_task": examples,
+         "wall_time_s": round(cached.get("wall_time_s", 0.0) + time.time() - start, 1)}
+  if missing:
+    # The file keeps every τ evaluated so far; the returned sweep only the requested grid.
+    utils.write_json(path, {**out, "validation_mean_ndcg@10": {
+        str(t): v for t, v in sorted(known.items())}})
   return out
 
 

@@ -102,3 +102,46 @@ def test_selection_table_marks_the_chosen_tau():
   lines = compare._selection_markdown(sweeps).splitlines()
   assert lines[2:] == ["| sigma | 0.001 (chosen) | 0.0310 | 3000 |",
                        "| sigma | 0.003 | 0.0290 | 3000 |"]
+
+
+def test_tau_sweep_cache_follows_the_grid(tmp_path, monkeypatch):
+  """A re-run with a wider grid evaluates only the new τ values and chooses among the grid it
+  was given; a cache made on another number of validation examples is recomputed."""
+  import ml_collections
+  from absl import flags
+
+  from sigma_jax.eval import stage as eval_stage
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  score = {0.001: .02, 0.003: .03, 0.01: .025, 0.03: .04}
+  calls = []
+
+  def fake_evaluate(cfg, ds, gen, splits, task_names, tau, limit, progress):
+    calls.append((tau, limit))
+    return {"justforyou": {"validation": {"ndcg@10": score[tau]}}}
+
+  monkeypatch.setattr(eval_stage, "load_generator", lambda cfg, rdir: (None, None, 0))
+  monkeypatch.setattr(eval_stage, "evaluate", fake_evaluate)
+  cfg = ml_collections.ConfigDict({"generation": {"eval_limit": 0, "eval_tasks": ""}})
+  flag = flags.FLAGS["tau_limit"]
+  monkeypatch.setattr(flag, "value", 100)
+
+  first = compare._select_tau(cfg, str(tmp_path), ["0.001", "0.003"])
+  assert first["chosen_tau"] == 0.003 and calls == [(0.001, 100), (0.003, 100)]
+  calls.clear()
+  # A narrower grid is answered from the cache and chooses among its own values only.
+  narrow = compare._select_tau(cfg, str(tmp_path), ["0.001"])
+  assert calls == [] and narrow["chosen_tau"] == 0.001
+  assert narrow["validation_mean_ndcg@10"] == {"0.001": .02}
+  # A wider grid evaluates only what the cache lacks.
+  wide = compare._select_tau(cfg, str(tmp_path), ["0.001", "0.003", "0.01"])
+  assert calls == [(0.01, 100)] and wide["chosen_tau"] == 0.003
+  stored = compare.utils.read_json(str(tmp_path / "tau_sweep.json"))
+  assert set(stored["validation_mean_ndcg@10"]) == {"0.001", "0.003", "0.01"}
+  calls.clear()
+  # Another validation sample size: nothing is reused.
+  monkeypatch.setattr(flag, "value", 0)
+  again = compare._select_tau(cfg, str(tmp_path), ["0.003", "0.03"])
+  assert calls == [(0.003, None), (0.03, None)] and again["chosen_tau"] == 0.03
+  assert again["validation_examples_per_task"] == "all"
