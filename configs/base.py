@@ -143,6 +143,9 @@ def base_config() -> ml_collections.ConfigDict:
   # L_ID negatives: "batch" (in-batch + hard, DESIGN §1.3) or "catalogue" (all N items).
   c.sft.id_negatives = "batch"
   c.sft.projfuse_hidden = 256
+  # How a `<q>` query scores an item key, in L_ID and in retrieval: "cosine" (DESIGN §1.2) or
+  # "dot" (unnormalised, so a key's norm can carry an item's overall likelihood).
+  c.sft.similarity = "cosine"
   c.sft.tasks = ""  # comma-separated tasks to train on; empty: every task the data allows
   c.sft.every_position = True  # JustForYou: loss at every history position in one pass
   c.sft.extra_features = ""  # comma-separated .npy [N, d] matrices for ProjFuse

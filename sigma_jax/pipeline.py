@@ -66,6 +66,11 @@ _INCIDENTAL = frozenset({"log_every", "ckpt_every", "eval_batch", "encode_batch"
                          "manual_dir"})
 
 
+# Config keys added after runs recorded their recipes, with the value that reproduces what those
+# runs did: a recipe without the key equals one with this value.
+_ADDED_DEFAULTS = {"sft.similarity": "cosine"}
+
+
 def recipe(cfg, name: str, workdir: str) -> dict:
   """{dotted key: value} of the config that stage ``name``'s artifacts in ``workdir`` depend on
   (the optional pretrain stage's only when it has run there)."""
@@ -97,6 +102,9 @@ def recipe_changes(cfg, workdir: str, name: str) -> list[str]:
   if not os.path.exists(path):
     return []
   before, now = utils.read_json(path), recipe(cfg, name, workdir)
+  for k, v in _ADDED_DEFAULTS.items():
+    if k in now:
+      before.setdefault(k, v)
   return [f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}"
           for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
 

@@ -79,8 +79,9 @@ def test_unfused_rank_sorts_by_prefix_then_cosine():
     assert np.all(np.asarray(got.items[b])[len(want):] == -1)
 
 
-@pytest.mark.parametrize("num_items", [3, 40])  # 40 > the largest bucket: padded
-def test_bucket_retrieval_matches_brute_force(num_items):
+@pytest.mark.parametrize("num_items,normalize", [(3, True), (40, True), (40, False)])
+def test_bucket_retrieval_matches_brute_force(num_items, normalize):
+  """40 > the largest bucket: padded. normalize=False scores by dot product (sft.similarity)."""
   rng = np.random.default_rng(2)
   n, d, batch, k = 60, 8, 3, 4
   codes = rng.integers(0, 6, (n, 2))
@@ -89,8 +90,9 @@ def test_bucket_retrieval_matches_brute_force(num_items):
   h = rng.normal(size=(batch, k, d)).astype(np.float32)
   pids = rng.integers(0, len(sizes), (batch, k)).astype(np.int32)
   pids[1, 3] = -1  # an invalid beam
-  items, cos = fusion.bucket_retrieval(h, pids, table, emb, num_items)
-  en = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+  emb *= rng.uniform(0.2, 3.0, (n, 1)).astype(np.float32)  # norms that dot products see
+  items, cos = fusion.bucket_retrieval(h, pids, table, emb, num_items, normalize=normalize)
+  en = emb / np.linalg.norm(emb, axis=1, keepdims=True) if normalize else emb
   for b in range(batch):
     for kk in range(k):
       if pids[b, kk] < 0:
@@ -98,7 +100,8 @@ def test_bucket_retrieval_matches_brute_force(num_items):
         assert np.all(np.asarray(cos[b, kk]) == NEG_INF)
         continue
       members = np.flatnonzero(prefix_ids == pids[b, kk])
-      c = en[members] @ (h[b, kk] / np.linalg.norm(h[b, kk]))
+      q = h[b, kk] / np.linalg.norm(h[b, kk]) if normalize else h[b, kk]
+      c = en[members] @ q
       order = np.argsort(-c, kind="stable")[:num_items]
       got = np.asarray(items[b, kk])
       np.testing.assert_array_equal(got[:len(order)], members[order])

@@ -49,6 +49,21 @@ def test_data_stage_from_the_command_line_then_skipped(tmp_path):
   assert pipeline.run(cfg, workdir, strict=True)["data"]["num_users"] == 300
 
 
+def test_a_recipe_from_before_a_new_key_matches_its_old_behaviour(tmp_path):
+  """sft.similarity was added later: a recorded recipe without it equals 'cosine', what those
+  runs did, and differs from 'dot'."""
+  cfg = base.base_config()
+  workdir = str(tmp_path)
+  old = pipeline.recipe(cfg, "sft", workdir)
+  del old["sft.similarity"]
+  os.makedirs(os.path.join(workdir, "sft"))
+  with open(pipeline.recipe_path(workdir, "sft"), "w") as f:
+    json.dump(old, f)
+  assert pipeline.recipe_changes(cfg, workdir, "sft") == []
+  cfg.sft.similarity = "dot"
+  assert pipeline.recipe_changes(cfg, workdir, "sft") == ["sft.similarity: 'cosine' -> 'dot'"]
+
+
 def test_bad_override_and_unknown_stage_fail_clearly(tmp_path):
   out = _train(str(tmp_path / "w"), "--config.stages=data,fly")
   assert out.returncode != 0

@@ -15,6 +15,19 @@ def test_unit_norm_and_injection_scale():
   np.testing.assert_allclose(np.linalg.norm(pf.inject(v), axis=1), 0.02 * np.sqrt(8), rtol=1e-5)
 
 
+def test_dot_similarity_keeps_key_norms_but_injects_unit_vectors():
+  from sigma_jax.models import sigma
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 10)), jnp.float32)
+  pf = projfuse.ProjFuse(10, 16, 8, rngs=nnx.Rngs(0), normalize=False)
+  v = pf(x)
+  cosine = projfuse.ProjFuse(10, 16, 8, rngs=nnx.Rngs(0))  # same initial parameters
+  np.testing.assert_allclose(v / np.linalg.norm(v, axis=1, keepdims=True), cosine(x), atol=1e-5)
+  assert np.ptp(np.linalg.norm(v, axis=1)) > 1e-3  # the norms differ: they are kept
+  np.testing.assert_allclose(np.linalg.norm(pf.inject(v), axis=1), 0.02 * np.sqrt(8), rtol=1e-5)
+  with pytest.raises(ValueError, match="sft.similarity must be one of"):
+    sigma.SigmaModel(None, 10, 16, rngs=nnx.Rngs(0), similarity="euclid")
+
+
 def test_every_matrix_has_logical_axes():
   pf = projfuse.ProjFuse(10, 16, 8, rngs=nnx.Rngs(0))
   specs = nnx.get_partition_spec(nnx.state(pf, nnx.Param))

@@ -58,18 +58,22 @@ def _normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(norm, 1e-12)
 
 
-@functools.partial(jax.jit, static_argnames=("num_items",))
+@functools.partial(jax.jit, static_argnames=("num_items", "normalize"))
 def bucket_retrieval(h: jax.Array, prefix_ids: jax.Array, bucket_table: jax.Array,
                      item_emb: jax.Array, num_items: int,
-                     allowed: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                     allowed: jax.Array | None = None,
+                     normalize: bool = True) -> tuple[jax.Array, jax.Array]:
   """Exact cosine top-M among the items of each prefix's bucket.
+
+  With ``normalize=False`` the score is the dot product of query and key (a model trained with
+  ``sft.similarity='dot'``); "cos" below then means that score.
 
   Args:
     h: [B, K, D] query state per prefix (the `<q>` hidden state, projected).
     prefix_ids: [B, K] int bucket of each prefix (beam `prefix_ids`), -1 for an invalid beam.
     bucket_table: [P, Bmax] int item indices per bucket, padded with -1
       (`models.rq.prefix_buckets`).
-    item_emb: [N, D] item keys v̂ (normalised here, so any scale is fine).
+    item_emb: [N, D] item keys v̂ (normalised here unless ``normalize`` is off).
     num_items: M.
     allowed: optional [B, N] bool, the items each example may return (an instruction's
       constraint). The others are dropped before the top M, so a narrow constraint keeps every
@@ -86,8 +90,11 @@ def bucket_retrieval(h: jax.Array, prefix_ids: jax.Array, bucket_table: jax.Arra
     rows = jnp.where(ok, rows, -1)
   if rows.shape[-1] < num_items:
     rows = jnp.pad(rows, ((0, 0), (0, 0), (0, num_items - rows.shape[-1])), constant_values=-1)
-  keys = _normalize(jnp.take(item_emb, jnp.maximum(rows, 0), axis=0).astype(jnp.float32))
-  cos = jnp.einsum("bkd,bkmd->bkm", _normalize(h.astype(jnp.float32)), keys)  # [B, K, Bmax]
+  keys = jnp.take(item_emb, jnp.maximum(rows, 0), axis=0).astype(jnp.float32)
+  h = h.astype(jnp.float32)
+  if normalize:
+    keys, h = _normalize(keys), _normalize(h)
+  cos = jnp.einsum("bkd,bkmd->bkm", h, keys)  # [B, K, Bmax]
   cos = jnp.where(rows >= 0, cos, NEG_INF)
   top_cos, idx = jax.lax.top_k(cos, num_items)  # [B, K, M]
   items = jnp.take_along_axis(rows, idx, axis=-1)

@@ -40,6 +40,7 @@ class DecodeSpec:
   token_offset: tuple
   fuse: bool  # APF (True) or the un-fused ablation ranking
   query_token: int
+  normalize: bool = True  # cosine retrieval (the model's `similarity`); False: dot product
 
 
 def _cache_len(prompt_len: int, levels: int) -> int:
@@ -114,7 +115,7 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
   q = model.query(h[:, 1]).reshape(b, k, -1)  # [B, K, D]
   # Items of a prefix bucket that break the instruction's constraint never reach the ranking.
   cand, cos = fusion.bucket_retrieval(q, res.prefix_ids, bucket_table, item_keys, spec.top_m,
-                                      allowed)
+                                      allowed, normalize=spec.normalize)
   if spec.fuse:
     return fusion.apf_rank(res.scores, res.valid, cand, cos, tau, spec.top_n)
   return fusion.unfused_rank(res.scores, res.valid, cand, cos, spec.top_n)
@@ -150,7 +151,8 @@ class Generator:
     self.spec = DecodeSpec(mode=self.mode, num_beams=num_beams, top_m=int(g.top_m),
                            top_n=int(g.top_n), token_offset=offsets,
                            fuse=bool(g.fuse if fuse is None else fuse),
-                           query_token=tok.special[text.QUERY])
+                           query_token=tok.special[text.QUERY],
+                           normalize=nnx.merge(graphdef, params).similarity == "cosine")
     self.full_tables = (trie.build_tables(self.codes, self.sizes) if self.codes.shape[1]
                         else None)
     # Multi-process: host arrays go in as global replicated arrays on the parameters' mesh;

@@ -25,10 +25,14 @@ def _param(init, names, key, shape):
 class ProjFuse(nnx.Module):
   """Parameters: `w1` [F, H] (None, mlp), `b1` [H] (mlp), `w2` [H, D] (mlp, embed), `b2` [D]
   (embed), `inject_scale` [] — the norm of an injected vector, started at the typical norm of a
-  token embedding so injected and token inputs enter the residual stream at the same scale."""
+  token embedding so injected and token inputs enter the residual stream at the same scale.
+
+  ``normalize=False`` keeps the MLP output's norm in the retrieval key (dot-product retrieval,
+  ``sft.similarity='dot'``); the injected vector is unit-norm times ``inject_scale`` either way."""
 
   def __init__(self, in_dim: int, hidden: int, d_model: int, *, rngs: nnx.Rngs,
-               token_init_std: float = 0.02):
+               token_init_std: float = 0.02, normalize: bool = True):
+    self.normalize = normalize
     lecun = nnx.initializers.lecun_normal()
     zeros = nnx.initializers.zeros_init()
     self.w1 = _param(lecun, (None, "mlp"), rngs.params(), (in_dim, hidden))
@@ -38,13 +42,16 @@ class ProjFuse(nnx.Module):
     self.inject_scale = nnx.Param(jnp.asarray(token_init_std * np.sqrt(d_model), jnp.float32))
 
   def __call__(self, feats: jax.Array) -> jax.Array:
-    """Args: feats [..., F] frozen item features. Returns: v̂ [..., D], unit norm."""
+    """Args: feats [..., F] frozen item features. Returns: v̂ [..., D], unit norm (unless
+    ``normalize`` is off)."""
     h = jax.nn.silu(feats @ self.w1[...] + self.b1[...])
-    return grounding.l2_normalize(h @ self.w2[...] + self.b2[...])
+    v = h @ self.w2[...] + self.b2[...]
+    return grounding.l2_normalize(v) if self.normalize else v
 
   def inject(self, v_hat: jax.Array) -> jax.Array:
     """The vector written into the prompt at an item placeholder: [..., D]."""
-    return v_hat * self.inject_scale[...]
+    v = v_hat if self.normalize else grounding.l2_normalize(v_hat)
+    return v * self.inject_scale[...]
 
 
 def item_features(workdir: str, extra: str = "") -> np.ndarray:

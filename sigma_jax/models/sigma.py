@@ -19,13 +19,25 @@ from sigma_jax.models import backbone, grounding, projfuse
 NEG_INF = -1e30
 
 
+SIMILARITIES = ("cosine", "dot")
+
+
 class SigmaModel(nnx.Module):
   """Parameters: `backbone` (Decoder over text + SID tokens), `projfuse`, `q_proj` [D, D]
-  (embed, None)."""
+  (embed, None).
 
-  def __init__(self, model_cfg, feat_dim: int, projfuse_hidden: int, *, rngs: nnx.Rngs):
+  ``similarity``: how a `<q>` query scores an item key — ``'cosine'`` (DESIGN §1.2: both unit
+  vectors) or ``'dot'`` (neither normalised, so a key's norm can carry how likely the item is
+  overall, as the collab model's dot-product scores do)."""
+
+  def __init__(self, model_cfg, feat_dim: int, projfuse_hidden: int, *, rngs: nnx.Rngs,
+               similarity: str = "cosine"):
+    if similarity not in SIMILARITIES:
+      raise ValueError(f"sft.similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    self.similarity = similarity
     self.backbone = backbone.Decoder(model_cfg, rngs=rngs)
-    self.projfuse = projfuse.ProjFuse(feat_dim, projfuse_hidden, model_cfg.d_model, rngs=rngs)
+    self.projfuse = projfuse.ProjFuse(feat_dim, projfuse_hidden, model_cfg.d_model, rngs=rngs,
+                                      normalize=similarity == "cosine")
     init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", None),
                                  eager_sharding=False)
     self.q_proj = nnx.Param(init(rngs.params(), (model_cfg.d_model, model_cfg.d_model),
@@ -51,8 +63,10 @@ class SigmaModel(nnx.Module):
     return self.backbone(tokens, inject=v, inject_mask=mask, attn_mask=attn_mask, cache=cache)
 
   def query(self, h: jax.Array) -> jax.Array:
-    """Retrieval query from `<q>` hidden states: [..., D] -> [..., D] unit vectors."""
-    return grounding.l2_normalize(h @ self.q_proj[...])
+    """Retrieval query from `<q>` hidden states: [..., D] -> [..., D] (unit vectors under
+    cosine similarity)."""
+    q = h @ self.q_proj[...]
+    return grounding.l2_normalize(q) if self.similarity == "cosine" else q
 
 
 def _gather(x: jax.Array, pos: jax.Array) -> jax.Array:

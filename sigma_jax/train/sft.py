@@ -80,12 +80,18 @@ def model_config(cfg, assets: Assets):
   return m
 
 
+def similarity(cfg) -> str:
+  """How `<q>` queries score item keys: ``sft.similarity`` (cosine when the config predates it)."""
+  return str(cfg.sft.get("similarity", "cosine"))
+
+
 def build_model(cfg, assets: Assets, mesh):
   """(graphdef, params) of a freshly initialised SigmaModel, born sharded."""
   mcfg = model_config(cfg, assets)
   feat_dim, hidden = assets.feats.shape[1], int(cfg.sft.projfuse_hidden)
   return parallel.init_sharded(
-      lambda: sigma.SigmaModel(mcfg, feat_dim, hidden, rngs=nnx.Rngs(int(cfg.seed))), mesh,
+      lambda: sigma.SigmaModel(mcfg, feat_dim, hidden, rngs=nnx.Rngs(int(cfg.seed)),
+                               similarity=similarity(cfg)), mesh,
       cfg.axis_rules)
 
 
@@ -270,7 +276,8 @@ def load_params(cfg, workdir: str, assets: Assets, mesh):
   feat_dim, hidden = assets.feats.shape[1], int(cfg.sft.projfuse_hidden)
   rules = cfg.axis_rules
   graphdef, abstract = nnx.split(nnx.eval_shape(
-      lambda: sigma.SigmaModel(mcfg, feat_dim, hidden, rngs=nnx.Rngs(int(cfg.seed)))))
+      lambda: sigma.SigmaModel(mcfg, feat_dim, hidden, rngs=nnx.Rngs(int(cfg.seed)),
+                               similarity=similarity(cfg))))
   shardings = parallel.state_shardings(abstract, mesh, rules)
   params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                         abstract, shardings)
