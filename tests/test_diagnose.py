@@ -1,14 +1,14 @@
-"""launch.diagnose: SASRec scored by its dot product reproduces the collab stage's own metrics,
+"""eval.diagnostics (launch/diagnose.py): SASRec scored by its dot product reproduces the collab stage's own metrics,
 so the cosine rows beside them differ only in the scoring."""
 from configs import demo
-from launch import diagnose
 from sigma_jax.data import loader
+from sigma_jax.eval import diagnostics
 from sigma_jax.train import collab
 
 
 def test_collab_cosine_dot_rows_match_the_collab_metrics(demo_workdir):
   cfg = demo.get_config()
-  lines = diagnose.collab_cosine(cfg, demo_workdir, ["validation", "test"])
+  lines = diagnostics.collab_cosine(cfg, demo_workdir, ["validation", "test"])
   rows = {(c[0], c[1]): [float(x) for x in c[2:]] for c in
           ([p.strip() for p in line.strip("|").split("|")] for line in lines[2:])}
   assert set(rows) == {(s, sp) for s in ("dot (as trained)", "cosine")
