@@ -4,64 +4,43 @@ Each function returns the lines of a Markdown table.
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sigma_jax.checkpoint import Checkpointer
 from sigma_jax.data import loader
 from sigma_jax.eval import stage as eval_stage
-from sigma_jax.eval.metrics import ranking_metrics
 from sigma_jax.train import collab, sft
 
 
 def collab_cosine(cfg, workdir: str, splits) -> list:
   """SASRec's best-epoch parameters ranked by h·e_i (as trained) and by h·e_i/|e_i| (cosine)."""
-
   sp = loader.load_dataset(cfg, workdir).splits
-  ccfg, n = cfg.collab, sp.num_items
-  tx = collab.make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
-  _, abstract, _ = collab._state_fns(n, ccfg, int(cfg.seed), tx)
-  with Checkpointer(os.path.join(workdir, "collab", "ckpt"), max_to_keep=2, local=True) as ck:
-    restored = ck.restore(abstract)
-  if restored is None:
-    raise FileNotFoundError(f"{workdir}/collab/ckpt holds no checkpoint")
-  params = restored[1]["best_params"]
-  graphdef = nnx.split(nnx.eval_shape(lambda: collab.build_model(n, ccfg, int(cfg.seed))),
-                       nnx.Param)[0]
+  n, max_len = sp.num_items, int(cfg.collab.max_len)
+  graphdef, params, _ = collab.load_best(cfg, n, workdir)
   exclude = collab.exclude_history(cfg)
 
   @jax.jit
-  def top(params, hist, cosine):
+  def cosine_topk(params, hist):
     model = nnx.merge(graphdef, params)
-    h, e = model(hist)[:, -1], model.item_embeddings()
-    e = jnp.where(cosine, e / jnp.linalg.norm(e, axis=1, keepdims=True), e)
-    s = h @ e.T
-    return jax.lax.top_k(collab.mask_history(s, hist) if exclude else s, 20)[1]
+    e = model.item_embeddings()
+    s = model(hist)[:, -1] @ (e / jnp.linalg.norm(e, axis=1, keepdims=True)).T
+    return jax.lax.top_k(collab.mask_history(s, hist) if exclude else s, max(collab.KS))[1]
 
-  data = {"validation": (sp.valid_hist, sp.valid_target), "test": (sp.test_hist, sp.test_target)}
   norms = np.linalg.norm(np.asarray(nnx.merge(graphdef, params).item_embeddings()), axis=1)
   counts = np.bincount(np.concatenate(sp.train_seqs), minlength=n)
   print(f"corr(|e_i|, log(1 + train count_i)) = "
         f"{np.corrcoef(norms, np.log1p(counts))[0, 1]:+.3f}")
+  data = {"validation": (sp.valid_hist, sp.valid_target), "test": (sp.test_hist, sp.test_target)}
+  scorings = (("dot (as trained)", collab.make_topk_fn(graphdef, max(collab.KS), exclude)),
+              ("cosine", cosine_topk))
   lines = ["| scoring | split | R@5 | N@5 | R@10 | N@10 |", "|---|---|---|---|---|---|"]
-  for cosine in (False, True):
+  for name, topk_fn in scorings:
     for split in splits:
-      hist, target = data[split]
-      hist = np.asarray(hist)[:, -int(ccfg.max_len):]
-      rows = 256
-      out = []
-      for s in range(0, len(hist), rows):
-        chunk = hist[s:s + rows]
-        pad = np.concatenate([chunk, np.repeat(chunk[-1:], rows - len(chunk), 0)])
-        out.append(np.asarray(top(params, pad, cosine))[:len(chunk)])
-      r = ranking_metrics(np.concatenate(out), target, (5, 10), num_items=n)
-      lines.append(f"| {'cosine' if cosine else 'dot (as trained)'} | {split} | "
-                   f"{r['recall@5']:.4f} | {r['ndcg@5']:.4f} | {r['recall@10']:.4f} | "
-                   f"{r['ndcg@10']:.4f} |")
+      r = collab.evaluate(topk_fn, params, *data[split], max_len, n)
+      lines.append(f"| {name} | {split} | {r['recall@5']:.4f} | {r['ndcg@5']:.4f} | "
+                   f"{r['recall@10']:.4f} | {r['ndcg@10']:.4f} |")
   return lines
 
 

@@ -148,11 +148,12 @@ class Generator:
                        [tok.dedup_size] * max(0, self.codes.shape[1] - levels))
     offsets = tuple(int(tok.sid_token(lv, 0)) for lv in range(self.codes.shape[1]))
     num_beams = int(g.num_beams)
+    model = nnx.merge(graphdef, params)
     self.spec = DecodeSpec(mode=self.mode, num_beams=num_beams, top_m=int(g.top_m),
                            top_n=int(g.top_n), token_offset=offsets,
                            fuse=bool(g.fuse if fuse is None else fuse),
                            query_token=tok.special[text.QUERY],
-                           normalize=nnx.merge(graphdef, params).similarity == "cosine")
+                           normalize=model.similarity == "cosine")
     self.full_tables = (trie.build_tables(self.codes, self.sizes) if self.codes.shape[1]
                         else None)
     # Multi-process: host arrays go in as global replicated arrays on the parameters' mesh;
@@ -160,7 +161,6 @@ class Generator:
     sharding = jax.tree.leaves(params)[0].sharding
     self._mesh = (sharding.mesh if jax.process_count() > 1
                   and isinstance(sharding, jax.sharding.NamedSharding) else None)
-    model = nnx.merge(graphdef, params)
     self.feats = self._put(np.asarray(assets.feats))
     self.item_keys = jax.jit(model.item_keys)(self.feats)
     self.bucket_table = self._put(np.asarray(self.bucket_table))

@@ -349,6 +349,20 @@ def exclude_history(cfg) -> bool:
   return bool(cfg.dataset.get("exclude_history", False)) if "dataset" in cfg else False
 
 
+def load_best(cfg, num_items: int, workdir: str):
+  """(graphdef, best-epoch params, best epoch) of a collab run, read from its newest checkpoint."""
+  ccfg, seed = cfg.collab, int(cfg.seed)
+  tx = make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
+  _, abstract, _ = _state_fns(num_items, ccfg, seed, tx)
+  with Checkpointer(os.path.join(workdir, "collab", "ckpt"), max_to_keep=2, local=True) as ckpt:
+    restored = ckpt.restore(abstract)
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/collab/ckpt holds no checkpoint")
+  _, tree, meta = restored
+  graphdef = nnx.split(nnx.eval_shape(lambda: build_model(num_items, ccfg, seed)), nnx.Param)[0]
+  return graphdef, tree["best_params"], int(meta["best_epoch"])
+
+
 def rescore(cfg, splits: Splits, workdir: str) -> dict:
   """Validation and test metrics of a finished collab run under the current ranking protocol.
 
@@ -357,23 +371,14 @@ def rescore(cfg, splits: Splits, workdir: str) -> dict:
   says. The epoch is not re-selected (that would need every epoch's parameters); the result
   says under which protocol it was selected. Nothing is written.
   """
-  ccfg = cfg.collab
   result = utils.read_json(os.path.join(workdir, "collab", "result.json"))
-  n, seed, max_len = splits.num_items, int(cfg.seed), int(ccfg.max_len)
-  tx = make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
-  _, abstract, _ = _state_fns(n, ccfg, seed, tx)
-  with Checkpointer(os.path.join(workdir, "collab", "ckpt"), max_to_keep=2, local=True) as ckpt:
-    restored = ckpt.restore(abstract)
-  if restored is None:
-    raise FileNotFoundError(f"{workdir}/collab/ckpt holds no checkpoint to rescore")
-  _, tree, meta = restored
-  if int(meta["best_epoch"]) != int(result["best_epoch"]):
-    raise ValueError(f"checkpoint best epoch {meta['best_epoch']} != result.json's "
+  n, max_len = splits.num_items, int(cfg.collab.max_len)
+  graphdef, params, best_epoch = load_best(cfg, n, workdir)
+  if best_epoch != int(result["best_epoch"]):
+    raise ValueError(f"checkpoint best epoch {best_epoch} != result.json's "
                      f"{result['best_epoch']}")
   exclude = exclude_history(cfg)
-  graphdef = nnx.split(nnx.eval_shape(lambda: build_model(n, ccfg, seed)), nnx.Param)[0]
   topk_fn = make_topk_fn(graphdef, max(KS), exclude)
-  params = tree["best_params"]
   return {"best_epoch": int(result["best_epoch"]),
           "validation": evaluate(topk_fn, params, splits.valid_hist, splits.valid_target,
                                  max_len, n),

@@ -80,19 +80,17 @@ def model_config(cfg, assets: Assets):
   return m
 
 
-def similarity(cfg) -> str:
-  """How `<q>` queries score item keys: ``sft.similarity`` (cosine when the config predates it)."""
-  return str(cfg.sft.get("similarity", "cosine"))
+def _new_model(cfg, assets: Assets) -> sigma.SigmaModel:
+  """A freshly initialised SigmaModel for this config and catalogue (call under eval_shape or
+  init_sharded)."""
+  return sigma.SigmaModel(model_config(cfg, assets), assets.feats.shape[1],
+                          int(cfg.sft.projfuse_hidden), rngs=nnx.Rngs(int(cfg.seed)),
+                          similarity=str(cfg.sft.similarity))
 
 
 def build_model(cfg, assets: Assets, mesh):
   """(graphdef, params) of a freshly initialised SigmaModel, born sharded."""
-  mcfg = model_config(cfg, assets)
-  feat_dim, hidden = assets.feats.shape[1], int(cfg.sft.projfuse_hidden)
-  return parallel.init_sharded(
-      lambda: sigma.SigmaModel(mcfg, feat_dim, hidden, rngs=nnx.Rngs(int(cfg.seed)),
-                               similarity=similarity(cfg)), mesh,
-      cfg.axis_rules)
+  return parallel.init_sharded(lambda: _new_model(cfg, assets), mesh, cfg.axis_rules)
 
 
 def task_list(spec: str):
@@ -272,12 +270,8 @@ def load_params(cfg, workdir: str, assets: Assets, mesh):
   The restore target is abstract (shapes, dtypes, shardings): nothing is initialised or
   compiled just to be overwritten, which keeps serving start-up short.
   """
-  mcfg = model_config(cfg, assets)
-  feat_dim, hidden = assets.feats.shape[1], int(cfg.sft.projfuse_hidden)
   rules = cfg.axis_rules
-  graphdef, abstract = nnx.split(nnx.eval_shape(
-      lambda: sigma.SigmaModel(mcfg, feat_dim, hidden, rngs=nnx.Rngs(int(cfg.seed)),
-                               similarity=similarity(cfg))))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _new_model(cfg, assets)))
   shardings = parallel.state_shardings(abstract, mesh, rules)
   params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                         abstract, shardings)
