@@ -3,7 +3,7 @@ r"""Amazon 2018 Industrial & Scientific (UniSRec preprocessing).
   python -m launch.train --config=configs/scientific.py --workdir=runs/scientific
   python -m launch.compare --config=configs/scientific.py --workdir=runs/scientific \
       --tau_limit=3000 --taus=0.0003,0.001,0.003,0.01 \
-      --rows=collab,sigma,gr_id,sigma_no_grounding,sigma_no_apf
+      --rows=collab,sigma,gr_sid,gr_id,sigma_no_grounding,sigma_no_apf
 
 Data: $SIGMA_DATA_DIR/amazon2018/Scientific (or --config.dataset.manual_dir=...).
 Protocol: TIGER's leave-one-out, history <= 20, full ranking over all 4,385 items, the
@@ -11,11 +11,12 @@ JustForYou (next-item) task. SFT trains on JustForYou only here: the published b
 single-task, and the comparison rows share one training recipe. docs/RESULTS.md has the numbers
 this config gives and the machine they came from.
 
-The comparison command gives (test, 8,442 users; about 2 h on 2 CPU cores):
+The comparison command gives (test, 8,442 users; about 4 h on 2 CPU cores, half of it gr_sid):
 
   row                 R@5    N@5    R@10   N@10   (validation N@10)
   collab (SASRec)     .0842  .0680  .1092  .0760  (.0807)
   sigma (tau .003)    .0635  .0458  .0853  .0529  (.0600)
+  gr_sid              .0733  .0544  .1009  .0632  (.0693)
   gr_id               .0351  .0253  .0501  .0301  (.0348)
   sigma_no_grounding  .0493  .0357  .0752  .0440  (.0496)
   sigma_no_apf        .0539  .0389  .0719  .0447  (.0498)
