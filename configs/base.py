@@ -147,7 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
   # "dot" (unnormalised, so a key's norm can carry an item's overall likelihood).
   c.sft.similarity = "cosine"
   c.sft.tasks = ""  # comma-separated tasks to train on; empty: every task the data allows
-  c.sft.every_position = True  # JustForYou: loss at every history position in one pass
+  c.sft.every_position = True  # JustForYou: one sequence per user, a loss at every history
+  # position in one pass (fast); False: one example per position (slower, better: RESULTS.md)
   c.sft.extra_features = ""  # comma-separated .npy [N, d] matrices for ProjFuse
   c.sft.log_every = 25
   c.sft.ckpt_every = 200

@@ -10,8 +10,11 @@ where ``a(i)`` is item i's SID prefix (ℓ tokens; the full SID in `gr_sid` mode
 ProjFuse vector, and the hidden state at a ``<q>`` is the query that retrieves the item right
 after it. History items carry their own ``<q>``: with ``every_position`` (JustForYou training)
 each history item after the first is a target too — next-token loss on its prefix and retrieval
-loss at its ``<q>`` — the causal equivalent of one example per prefix of the history, in one
-pass. Evaluation prompts stop right after ``<|end|> <|start|>``: the generator continues them.
+loss at its ``<q>`` — so one pass trains every position of the history. It is not the same as
+one example per position: those history targets are predicted inside the history, before the
+instruction and ``<|end|> <|start|>``, while evaluation predicts after them (on Scientific, one
+example per position scores far higher on validation; docs/RESULTS.md). Evaluation prompts
+stop right after ``<|end|> <|start|>``: the generator continues them.
 
 Arrays of one example, all [T] (right-padded):
   tokens        int32 token ids (PAD = 0 after the end);
