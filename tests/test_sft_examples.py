@@ -10,14 +10,9 @@ import collections
 import numpy as np
 
 from configs import demo
-from sigma_jax.data import loader, prompts, text
+from sigma_jax.data import loader, text
 from sigma_jax.data.splits import PAD_ITEM
 from sigma_jax.train import sft
-
-
-def _prompt(assets, ex):
-  return prompts.build_prompt(assets.spec, ex.history, ex.instruction, ex.target,
-                                  ex.every_position, verb_ids=assets.verb_ids)
 
 
 def test_every_position_and_per_position_examples(demo_workdir):
@@ -45,7 +40,7 @@ def test_every_position_and_per_position_examples(demo_workdir):
     tail = s[-(h + 1):]
     np.testing.assert_array_equal(ex.history, tail[:-1])
     assert ex.target == tail[-1] and ex.every_position
-    a = _prompt(assets, ex)
+    a = sft.example_prompt(ex, assets)
     q = a["q_items"][a["q_items"] >= 0]
     np.testing.assert_array_equal(q, tail[1:])
     after_end = a["q_items"][int(np.flatnonzero(a["tokens"] == end)[0]):]
@@ -56,7 +51,7 @@ def test_every_position_and_per_position_examples(demo_workdir):
   pos_targets = collections.Counter()
   for ex in pos_examples:
     assert not ex.every_position
-    a = _prompt(assets, ex)
+    a = sft.example_prompt(ex, assets)
     q_at = np.flatnonzero(a["q_items"] >= 0)
     assert len(q_at) == 1 and q_at[0] > np.flatnonzero(a["tokens"] == end)[0]
     assert a["q_items"][q_at[0]] == ex.target

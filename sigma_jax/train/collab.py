@@ -209,6 +209,11 @@ def _state_fns(n: int, ccfg, seed: int, tx):
   return init_state, abstract, device
 
 
+def _graphdef(n: int, ccfg, seed: int):
+  """The SASRec graph definition, without materialising parameters."""
+  return nnx.split(nnx.eval_shape(lambda: build_model(n, ccfg, seed)), nnx.Param)[0]
+
+
 def _write_atomic(path: str, write_fn) -> None:
   utils.atomic_write(path, write_fn, "wb")
 
@@ -255,7 +260,7 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
 
   tx = make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
   init_state, abstract, device = _state_fns(n, ccfg, seed, tx)
-  graphdef = nnx.split(nnx.eval_shape(lambda: build_model(n, ccfg, seed)), nnx.Param)[0]
+  graphdef = _graphdef(n, ccfg, seed)
   train_step = make_train_step(graphdef, tx)
   exclude = exclude_history(cfg)
   topk_fn = make_topk_fn(graphdef, max(KS), exclude)
@@ -359,7 +364,7 @@ def load_best(cfg, num_items: int, workdir: str):
   if restored is None:
     raise FileNotFoundError(f"{workdir}/collab/ckpt holds no checkpoint")
   _, tree, meta = restored
-  graphdef = nnx.split(nnx.eval_shape(lambda: build_model(num_items, ccfg, seed)), nnx.Param)[0]
+  graphdef = _graphdef(num_items, ccfg, seed)
   return graphdef, tree["best_params"], int(meta["best_epoch"])
 
 

@@ -132,6 +132,12 @@ def training_examples(cfg, ds: loader.Dataset, assets: Assets) -> tuple[list, di
   return examples, counts
 
 
+def example_prompt(ex: Example, assets: Assets) -> dict:
+  """The uncompacted prompt arrays of one training example (``prompts.build_prompt``)."""
+  return prompts.build_prompt(assets.spec, ex.history, ex.instruction, ex.target,
+                              ex.every_position, verb_ids=assets.verb_ids)
+
+
 def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng,
                rows: slice = slice(None)) -> dict:
   """The arrays of the global batch ``idx`` (example indices), for the rows ``rows`` only.
@@ -144,10 +150,7 @@ def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng,
   max_q = h + 1 if cfg.sft.every_position else 1
   num_hard = int(cfg.sft.hard_negatives)
   rand = rng.random((len(idx), max_q, num_hard))[rows] if num_hard else None
-  arrays = prompts.stack([
-      prompts.build_prompt(assets.spec, examples[i].history, examples[i].instruction,
-                           examples[i].target, examples[i].every_position,
-                           verb_ids=assets.verb_ids) for i in np.asarray(idx)[rows]])
+  arrays = prompts.stack([example_prompt(examples[i], assets) for i in np.asarray(idx)[rows]])
   return prompts.compact(arrays, max_q * max(1, assets.spec.prefix_len), max_q, num_hard,
                          assets.prefix_ids, assets.bucket_table, assets.bucket_sizes, rand)
 
