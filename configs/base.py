@@ -150,6 +150,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.every_position = True  # JustForYou: one sequence per user, a loss at every history
   # position in one pass (fast); False: one example per position (slower, better: RESULTS.md)
   c.sft.extra_features = ""  # comma-separated .npy [N, d] matrices for ProjFuse
+  # Pack several examples to a row (attention kept inside each): the same loss over fewer rows.
+  # It changes how fast a step runs, not what it computes, so it is not part of a run's recipe.
+  c.sft.pack = True
   c.sft.log_every = 25
   c.sft.ckpt_every = 200
 

@@ -58,6 +58,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import app, flags
+from ml_collections import config_flags
 
 _BACKBONE = flags.DEFINE_string("backbone", "small", "decode: backbone size in configs/base.py.")
 _TEXT_VOCAB = flags.DEFINE_integer("text_vocab", 4000, "decode: text tokens before SID tokens.")
@@ -76,6 +77,11 @@ _CONSTRAINT_BATCH = flags.DEFINE_integer("constraint_batch", 64,
 _CONSTRAINT_REPS = flags.DEFINE_integer("constraint_reps", 50,
                                         "decode: timed calls per level and catalogue size.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of parameters, prompts and catalogues.")
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "sft_step: experiment config (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "sft_step: a work directory whose stages before "
+                               "sft are done (its tokenizer, SIDs and item features are used).")
+_STEPS = flags.DEFINE_integer("steps", 20, "sft_step: timed training steps per layout.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +377,86 @@ def _decode(argv: Sequence[str]) -> dict:
       wall_s=time.perf_counter() - t_start)
 
 
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], dict]] = {"decode": _decode}
+def _sft_step(argv: Sequence[str]) -> dict:
+  """The `sft_step` benchmark: one SFT step, unpacked vs packed (`sft.pack`).
+
+  On the config's data and the workdir's stages, the first `--steps` batches of the epoch's
+  order are built once per layout (host time reported), each layout's jitted step runs over all
+  of them once untimed (compiling every packed row count), then the two layouts' steps are timed
+  alternately batch by batch from fresh states (median ms per step). `loss_rel_diff`: how far
+  the packed first step's loss is from the unpacked one's (the same computation, so ~1e-6).
+  """
+  del argv
+  import jax
+  import numpy as np
+  from sigma_jax import parallel
+  from sigma_jax.data import loader
+  from sigma_jax.train import sft
+  cfg, workdir = _CONFIG.value, _WORKDIR.value
+  if cfg is None or not workdir:
+    raise app.UsageError("sft_step needs --config=configs/<name>.py and --workdir=<run>")
+  t_start = time.perf_counter()
+  assets = sft.load_assets(cfg, workdir)
+  ds = loader.load_dataset(cfg, workdir)
+  examples, _ = sft.training_examples(cfg, ds, assets)
+  mesh = parallel.make_mesh(cfg.mesh)
+  rules = cfg.axis_rules
+  bs = int(cfg.sft.batch_size)
+  order = loader.index_batches(len(examples), bs, int(cfg.seed))[:_STEPS.value]
+  feats = parallel.put_replicated(np.asarray(assets.feats), mesh)
+
+  layouts = {}
+  for pack in (False, True):
+    cfg.sft.pack = pack
+    rows_multiple = sft.pack_rows(cfg, mesh)
+    t0 = time.perf_counter()
+    host = [sft.make_batch(examples, idx, assets, cfg, np.random.default_rng([0, i]),
+                           pack_rows=rows_multiple) for i, idx in enumerate(order)]
+    build_ms = 1e3 * (time.perf_counter() - t0) / len(host)
+    graphdef, state, state_sh, tx, _ = sft.init_state(cfg, assets, mesh, 1000)
+    batches = [parallel.shard_batch(b, mesh, rules) for b in host]
+    step = sft.make_train_step(graphdef, tx, float(cfg.sft.mu), float(cfg.sft.tau), mesh, rules,
+                               state_sh, jax.tree.map(lambda x: x.sharding, batches[0]),
+                               str(cfg.sft.get("id_negatives", "batch")))
+    fresh = jax.tree.map(np.asarray, state)
+    first_loss = None
+    for b in batches:  # compile every shape
+      state, m = step(state, b, feats)
+      first_loss = float(m["loss"]) if first_loss is None else first_loss
+    rows = [len(b["tokens"]) for b in host]
+    real = sum(int(b["attn_mask"].sum()) for b in host)
+    layouts[pack] = dict(step=step, batches=batches, fresh=fresh, state_sh=state_sh, times=[],
+                         first_loss=first_loss, build_ms=build_ms, rows_mean=float(np.mean(rows)),
+                         real_fraction=real / (sum(rows) * int(cfg.sft.max_len)))
+  for lay in layouts.values():
+    lay["state"] = jax.device_put(lay["fresh"], lay["state_sh"])
+  for i in range(len(order)):
+    for lay in layouts.values():
+      t0 = time.perf_counter()
+      lay["state"], m = lay["step"](lay["state"], lay["batches"][i], feats)
+      jax.block_until_ready(m)
+      lay["times"].append(time.perf_counter() - t0)
+
+  def summary(lay):
+    return dict(ms_per_step=1e3 * statistics.median(lay["times"]), rows_per_batch=lay["rows_mean"],
+                real_token_fraction=lay["real_fraction"], host_build_ms=lay["build_ms"])
+
+  plain, packed = summary(layouts[False]), summary(layouts[True])
+  return dict(
+      benchmark="sft_step",
+      setting=dict(workdir=workdir, dataset=str(cfg.dataset.name), examples=len(examples),
+                   every_position=bool(cfg.sft.every_position), batch_size=bs,
+                   max_len=int(cfg.sft.max_len), steps=len(order), row_multiple=rows_multiple),
+      machine=machine_info(),
+      unpacked=plain, packed=packed,
+      speedup=plain["ms_per_step"] / packed["ms_per_step"],
+      loss_rel_diff=abs(layouts[True]["first_loss"] - layouts[False]["first_loss"]) /
+      abs(layouts[False]["first_loss"]),
+      wall_s=time.perf_counter() - t_start)
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], dict]] = {"decode": _decode,
+                                                           "sft_step": _sft_step}
 
 
 def main(argv):

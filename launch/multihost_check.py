@@ -60,8 +60,9 @@ def main(argv):
   graphdef, state, state_sh, tx, _ = sft.init_state(cfg, assets, mesh, _STEPS.value)
   feats = parallel.put_replicated(np.asarray(assets.feats), mesh)
   rows = distributed.host_rows(bs)
+  packing = sft.pack_rows(cfg, mesh)  # as the sft stage packs (sft.pack)
   sample = sft.make_batch(examples, np.arange(bs) % len(examples), assets, cfg,
-                          np.random.default_rng(0), rows)
+                          np.random.default_rng(0), rows, packing)
   batch_sh = {k: parallel.batch_sharding(mesh, v.ndim, rules) for k, v in sample.items()}
   step_fn = sft.make_train_step(graphdef, tx, float(cfg.sft.mu), float(cfg.sft.tau), mesh, rules,
                                 state_sh, batch_sh)
@@ -69,7 +70,7 @@ def main(argv):
   losses = []
   for step in range(_STEPS.value):
     batch = sft.make_batch(examples, order[step], assets, cfg,
-                           np.random.default_rng([seed, step]), rows)
+                           np.random.default_rng([seed, step]), rows, packing)
     state, m = step_fn(state, parallel.shard_batch(batch, mesh, rules), feats)
     losses.append(float(m["loss"]))
     logging.warning("process %d step %d loss %.6f", distributed.process_index(), step + 1,

@@ -65,3 +65,28 @@ def test_synthetic_sids_are_distinct_and_in_range():
   assert (sids >= 0).all() and (sids < np.array([8, 8, 16])).all()
   with pytest.raises(ValueError):
     benchmark.synthetic_sids(np.random.default_rng(0), 11, (2, 5))
+
+
+@pytest.mark.slow
+def test_sft_step_times_both_layouts_on_the_demo_run(demo_workdir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=8", "")
+  proc = subprocess.run([sys.executable, "-m", "launch.benchmark", "sft_step",
+                         "--config=configs/demo.py", f"--workdir={demo_workdir}", "--steps=2",
+                         "--config.sft.every_position=false", "--config.sft.batch_size=16",
+                         # rows of 256 tokens hold at least two of the demo's <= 128-token prompts
+                         "--config.sft.max_len=256"],
+                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stdout
+  out = json.loads(lines[0])
+  assert out["benchmark"] == "sft_step" and out["setting"]["steps"] == 2
+  assert out["unpacked"]["rows_per_batch"] == 16
+  assert 0 < out["packed"]["rows_per_batch"] <= 12
+  assert out["packed"]["real_token_fraction"] > out["unpacked"]["real_token_fraction"]
+  for lay in ("unpacked", "packed"):
+    assert _positive(out[lay]["ms_per_step"]) and _positive(out[lay]["host_build_ms"])
+  assert _positive(out["speedup"])
+  assert out["loss_rel_diff"] < 1e-4  # the same loss, packed or not

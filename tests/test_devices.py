@@ -140,6 +140,22 @@ def test_sft_step(setup, sft_assets):
   _assert_close(out[1][0], out[8][0])
   _assert_close(out[1][1], out[8][1])
 
+  # Packed (sft.pack) on the 8-device mesh: its R rows split over data x fsdp = 4 like the
+  # batch's, and the flat indices reach across shards; the step is the unpacked one.
+  mesh = _meshes()[8]
+  assert sft.pack_rows(cfg, mesh) == 4
+  host = sft.make_batch(examples, loader.index_batches(len(examples), bs, 0)[0], assets, cfg,
+                        np.random.default_rng(0), pack_rows=sft.pack_rows(cfg, mesh))
+  assert len(host["tokens"]) % 4 == 0 and len(host["q_item"]) == bs
+  graphdef, state, state_sh, tx, _ = sft.init_state(cfg, assets, mesh, 100)
+  batch = parallel.shard_batch(host, mesh, rules)
+  feats = jax.device_put(jnp.asarray(assets.feats), parallel.replicated(mesh))
+  step_fn = sft.make_train_step(graphdef, tx, float(cfg.sft.mu), float(cfg.sft.tau), mesh,
+                                rules, state_sh, jax.tree.map(lambda x: x.sharding, batch))
+  state, m = step_fn(state, batch, feats)
+  _assert_close(out[1][0], _flat(m))
+  _assert_close(out[1][1], _flat(state["params"]))
+
 
 def test_generate(setup, sft_assets):
   cfg, ds, workdir = setup

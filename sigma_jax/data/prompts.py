@@ -186,3 +186,49 @@ def compact(batch: dict, max_ntp: int, max_q: int, num_hard: int, prefix_ids: np
   out.update(ntp_pos=ntp_pos, ntp_tgt=ntp_tgt, ntp_w=ntp_w, q_pos=q_pos, q_item=q_item,
              hard=hard)
   return out
+
+
+def pack(batch: dict, row_multiple: int = 1) -> dict:
+  """A ``compact`` batch [B, T] -> the same examples packed several to a row [R, T].
+
+  Examples are right-padded, so one uses its first ``attn_mask.sum()`` slots. They are placed
+  first-fit in decreasing length order, each contiguous inside one row; R is the rows used,
+  rounded up to a multiple of ``row_multiple`` (so R splits over the data-parallel devices;
+  padding rows are all padding). The token arrays (tokens,
+  inject_items, attn_mask) become [R, T] and ``segment_ids`` [R, T] is added (k for the k-th
+  example of a row, 0 for padding). The per-example arrays keep their [B, ...] shape and order,
+  so in-batch and hard negatives are unchanged; ntp_pos and q_pos become flat indices into the
+  R·T tokens (`sigma.sft_loss` reads a batch with segment_ids this way). With attention kept
+  inside a segment and positions restarting at each (`backbone.Decoder`), the loss equals the
+  unpacked batch's while the model runs over R rows instead of B.
+  """
+  mask = np.asarray(batch["attn_mask"]).astype(bool)
+  b, t = mask.shape
+  lengths = mask.sum(1)
+  if (mask != (np.arange(t)[None, :] < lengths[:, None])).any():
+    raise ValueError("pack needs right-padded examples (real tokens first in every row)")
+  row_of, col_of, used = np.zeros(b, np.int64), np.zeros(b, np.int64), []
+  for i in np.argsort(-lengths, kind="stable"):
+    row = next((r for r, u in enumerate(used) if u + lengths[i] <= t), len(used))
+    if row == len(used):
+      used.append(0)
+    row_of[i], col_of[i] = row, used[row]
+    used[row] += lengths[i]
+  rows = -(-max(len(used), 1) // row_multiple) * row_multiple
+  out = {"tokens": np.zeros((rows, t), batch["tokens"].dtype),
+         "inject_items": np.full((rows, t), -1, batch["inject_items"].dtype),
+         "attn_mask": np.zeros((rows, t), bool),
+         "segment_ids": np.zeros((rows, t), np.int32)}
+  seg_count = np.zeros(rows, np.int32)
+  for i in range(b):
+    r, c, n = row_of[i], col_of[i], lengths[i]
+    seg_count[r] += 1
+    for k in ("tokens", "inject_items", "attn_mask"):
+      out[k][r, c:c + n] = batch[k][i, :n]
+    out["segment_ids"][r, c:c + n] = seg_count[r]
+  offset = (row_of * t + col_of)[:, None]  # [B, 1] flat index of each example's first token
+  for k in ("ntp_tgt", "ntp_w", "q_item", "hard"):
+    out[k] = batch[k]
+  out["ntp_pos"] = (batch["ntp_pos"] + offset).astype(np.int32)
+  out["q_pos"] = (batch["q_pos"] + offset).astype(np.int32)
+  return out

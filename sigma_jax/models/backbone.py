@@ -13,6 +13,9 @@ Functional use (DESIGN/STYLE: the module is split once and merged inside jitted 
 Inputs that may be left- or right-padded take `attn_mask` [B, T] (True = real token): padded
 positions are never attended to, and by default real tokens get RoPE positions 0, 1, ... counted
 over real tokens only, so a padded prompt gives the same hidden states as the unpadded one.
+Packed rows (several sequences back to back in one row, `segment_ids` [B, T]) attend within
+their own segment only, and each segment's positions restart at 0: a packed sequence gets the
+hidden states it gets alone in its own row.
 
 KV cache (`KVCache`, fixed shapes, batch leading on every array so a beam search can reorder rows
 with `jax.tree.map(lambda x: x[rows], cache)`):
@@ -308,7 +311,7 @@ class Decoder(nnx.Module):
   def __call__(self, tokens: jax.Array, *, inject: jax.Array | None = None,
                inject_mask: jax.Array | None = None, positions: jax.Array | None = None,
                attn_mask: jax.Array | None = None, cache: KVCache | None = None,
-               decode: bool = False):
+               decode: bool = False, segment_ids: jax.Array | None = None):
     """Runs the decoder.
 
     Args:
@@ -320,6 +323,10 @@ class Decoder(nnx.Module):
       attn_mask: [B, T] bool, False marks padding (never attended to); default all True.
       cache: a `KVCache`; the T tokens are appended at each row's `cache.index`.
       decode: one-step decoding; requires a cache and T == 1 (same computation as a cached call).
+      segment_ids: [B, T] int, packed rows (no cache): which sequence each token belongs to, each
+        sequence contiguous and its tokens real; a token attends only to its own segment and its
+        default position counts from its segment's first token. Padding (``attn_mask`` False)
+        is never attended to by real tokens.
 
     Returns:
       hidden [B, T, D] after the final norm; with a cache, (hidden, updated cache).
@@ -338,11 +345,21 @@ class Decoder(nnx.Module):
     # Positions count real tokens only, so a padded row sees the RoPE phases of its unpadded self.
     rank = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)  # [B, T]
 
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment_ids (packed rows) cannot be used with a cache")
     if cache is None:
-      if positions is None:
-        positions = rank
       causal = jnp.tril(jnp.ones((t, t), bool))
       attend = causal[None] & mask[:, None, :]  # [B, T, T]
+      if segment_ids is not None:
+        seg = segment_ids.astype(jnp.int32)
+        idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        starts = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+        rank = idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # [B, T]
+        same = seg[:, :, None] == seg[:, None, :]
+        # Padding queries attend to earlier padding of their row, so no softmax row is empty.
+        attend = causal[None] & same & (mask[:, None, :] | ~mask[:, :, None])
+      if positions is None:
+        positions = rank
       for layer in self.layers:
         x, _ = layer(x, positions, attend)
       return self.final_norm(x)

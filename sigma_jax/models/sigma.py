@@ -47,20 +47,22 @@ class SigmaModel(nnx.Module):
     """v̂ of items from their frozen features: [..., F] -> [..., D] unit vectors."""
     return self.projfuse(feats)
 
-  def hidden(self, tokens, inject_items, attn_mask, feats, cache=None):
+  def hidden(self, tokens, inject_items, attn_mask, feats, cache=None, segment_ids=None):
     """Backbone over a prompt with ProjFuse vectors injected at `<item>` positions.
 
     Args:
       tokens: [B, T] int32; inject_items [B, T] int32 (-1: no injection); attn_mask [B, T].
       feats: [N, F] frozen item features (all items).
       cache: optional KV cache (prefill).
+      segment_ids: optional [B, T] packed-row segments (`backbone.Decoder`).
 
     Returns:
       hidden [B, T, D] (and the cache when one is given).
     """
     mask = inject_items >= 0
     v = self.projfuse.inject(self.projfuse(feats[jnp.maximum(inject_items, 0)]))  # [B, T, D]
-    return self.backbone(tokens, inject=v, inject_mask=mask, attn_mask=attn_mask, cache=cache)
+    return self.backbone(tokens, inject=v, inject_mask=mask, attn_mask=attn_mask, cache=cache,
+                         segment_ids=segment_ids)
 
   def query(self, h: jax.Array) -> jax.Array:
     """Retrieval query from `<q>` hidden states: [..., D] -> [..., D] (unit vectors under
@@ -90,7 +92,10 @@ def sft_loss(model: SigmaModel, batch: dict, feats: jax.Array, mu: float,
   Args:
     batch: tokens, inject_items, attn_mask [B, T]; ntp_pos, ntp_tgt, ntp_w [B, P] (positions
       that predict a prefix token, the token, weight); q_pos, q_item [B, Q] (`<q>` positions and
-      their items, -1 padded); hard [B, Q, M] hard-negative items (-1 padded).
+      their items, -1 padded); hard [B, Q, M] hard-negative items (-1 padded). A packed batch
+      (`prompts.pack`) has R rows of several examples each: tokens, inject_items, attn_mask and
+      segment_ids are [R, T], the rest stays per example [B, ...] with ntp_pos and q_pos flat
+      indices into the R·T tokens; the loss is the same as for the unpacked batch.
     feats: [N, F] frozen item features.
     mu: μ, the weight of L_ID.
     tau: InfoNCE temperature.
@@ -98,14 +103,21 @@ def sft_loss(model: SigmaModel, batch: dict, feats: jax.Array, mu: float,
   Returns:
     (loss, metrics): `ntp`, `id`, `id_acc` (the target beats every candidate), `ntp_acc`.
   """
-  h = model.hidden(batch["tokens"], batch["inject_items"], batch["attn_mask"], feats)
-  h_ntp = _gather(h, batch["ntp_pos"])  # [B, P, D]
+  packed = "segment_ids" in batch
+  h = model.hidden(batch["tokens"], batch["inject_items"], batch["attn_mask"], feats,
+                   segment_ids=batch.get("segment_ids"))
+  if packed:  # [R, T, D] -> [1, R·T, D]; the indices [B, P] are flat, so gather as one row
+    h = h.reshape(1, -1, h.shape[-1])
+    gather = lambda x, pos: _gather(x, pos.reshape(1, -1)).reshape(pos.shape + x.shape[2:])
+  else:
+    gather = _gather
+  h_ntp = gather(h, batch["ntp_pos"])  # [B, P, D]
   logits = model.backbone.logits(h_ntp)  # [B, P, V]
   ntp = backbone.lm_loss(logits, batch["ntp_tgt"], batch["ntp_w"])
   ntp_hit = (jnp.argmax(logits, -1) == batch["ntp_tgt"]) * batch["ntp_w"]
   ntp_acc = jnp.sum(ntp_hit) / jnp.maximum(jnp.sum(batch["ntp_w"]), 1.0)
 
-  q = model.query(_gather(h, jnp.maximum(batch["q_pos"], 0)))  # [B, Q, D]
+  q = model.query(gather(h, jnp.maximum(batch["q_pos"], 0)))  # [B, Q, D]
   q = q.reshape(-1, q.shape[-1])  # [BQ, D]
   items = batch["q_item"].reshape(-1)  # [BQ]
   valid = items >= 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 
@@ -99,6 +100,10 @@ def task_list(spec: str):
   return names or None
 
 
+# The arrays of a packed batch that are [R, T] rows (the rest are per example).
+PACKED_ROW_KEYS = ("tokens", "inject_items", "attn_mask", "segment_ids")
+
+
 @dataclasses.dataclass
 class Example:
   history: np.ndarray
@@ -138,21 +143,40 @@ def example_prompt(ex: Example, assets: Assets) -> dict:
                               ex.every_position, verb_ids=assets.verb_ids)
 
 
+def pack_rows(cfg, mesh) -> int:
+  """``make_batch``'s ``pack_rows`` for ``cfg.sft.pack`` on ``mesh``: 0 (no packing), or the
+  multiple packed row counts are rounded to (4, and a multiple of the data-parallel devices so
+  the rows split over them like the batch does; few distinct counts, so few compilations)."""
+  if not cfg.sft.get("pack", False):
+    return 0
+  return math.lcm(4, int(mesh.shape["data"]) * int(mesh.shape["fsdp"]))
+
+
 def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng,
-               rows: slice = slice(None)) -> dict:
+               rows: slice = slice(None), pack_rows: int = 0) -> dict:
   """The arrays of the global batch ``idx`` (example indices), for the rows ``rows`` only.
 
   Random draws (hard negatives) are made for the whole global batch from ``rng`` and then
   sliced, so a process that builds only its rows (``distributed.host_rows``) gets exactly the
-  rows of the single-process batch.
+  rows of the single-process batch. With ``pack_rows`` > 0 (``pack_rows(cfg, mesh)``) the
+  examples are packed several to a row (``prompts.pack``, R a multiple of ``pack_rows``): every
+  process packs the whole global batch the same way and keeps its block of the R packed rows
+  and its ``rows`` of the per-example arrays.
   """
   h = int(cfg.dataset.max_history)
   max_q = h + 1 if cfg.sft.every_position else 1
   num_hard = int(cfg.sft.hard_negatives)
-  rand = rng.random((len(idx), max_q, num_hard))[rows] if num_hard else None
-  arrays = prompts.stack([example_prompt(examples[i], assets) for i in np.asarray(idx)[rows]])
-  return prompts.compact(arrays, max_q * max(1, assets.spec.prefix_len), max_q, num_hard,
-                         assets.prefix_ids, assets.bucket_table, assets.bucket_sizes, rand)
+  pack = pack_rows > 0
+  build = slice(None) if pack else rows
+  rand = rng.random((len(idx), max_q, num_hard))[build] if num_hard else None
+  arrays = prompts.stack([example_prompt(examples[i], assets) for i in np.asarray(idx)[build]])
+  out = prompts.compact(arrays, max_q * max(1, assets.spec.prefix_len), max_q, num_hard,
+                        assets.prefix_ids, assets.bucket_table, assets.bucket_sizes, rand)
+  if not pack:
+    return out
+  out = prompts.pack(out, math.lcm(int(pack_rows), distributed.process_count()))
+  packed_rows = distributed.host_rows(len(out["tokens"]))
+  return {k: v[packed_rows] if k in PACKED_ROW_KEYS else v[rows] for k, v in out.items()}
 
 
 def make_train_step(graphdef, tx, mu: float, tau: float, mesh, rules, state_sh, batch_sh,
@@ -196,8 +220,9 @@ def run_sft(cfg, workdir: str) -> dict:
   total = int(s.epochs * steps_per_epoch) if s.steps <= 0 else int(s.steps)
   graphdef, state, state_sh, tx, schedule = init_state(cfg, assets, mesh, total, workdir)
   feats = parallel.put_replicated(np.asarray(assets.feats), mesh)
+  packing = pack_rows(cfg, mesh)
   sample = make_batch(examples, np.arange(batch_size) % len(examples), assets, cfg,
-                      np.random.default_rng(0), distributed.host_rows(batch_size))
+                      np.random.default_rng(0), distributed.host_rows(batch_size), packing)
   batch_sh = {k: parallel.batch_sharding(mesh, v.ndim, rules) for k, v in sample.items()}
   step_fn = make_train_step(graphdef, tx, float(s.mu), float(s.tau), mesh, rules, state_sh,
                             batch_sh, str(s.get("id_negatives", "batch")))
@@ -221,7 +246,7 @@ def run_sft(cfg, workdir: str) -> dict:
       step = meta["step"]
       idx = order[step]
       batch = make_batch(examples, idx, assets, cfg, np.random.default_rng([seed, step]),
-                         distributed.host_rows(len(idx)))  # this process's rows only
+                         distributed.host_rows(len(idx)), packing)  # this process's rows
       tokens_seen += int(batch["attn_mask"].sum())
       state, m = step_fn(state, parallel.shard_batch(batch, mesh, rules), feats)
       meta["step"] = step + 1
