@@ -2,12 +2,17 @@ r"""Benchmarks of sigma_jax; one subcommand per benchmark, each prints ONE JSON 
 
   python -m launch.benchmark decode                      # the full decode benchmark
   python -m launch.benchmark decode --items=20000 --batches=1,8 --reps=3
+  python -m launch.benchmark sft_step --config=configs/beauty.py --workdir=runs/beauty --steps=10
 
 Subcommands (add one by writing a `_<name>(argv) -> dict` function and listing it in
 `SUBCOMMANDS`; flags are absl flags shared by all subcommands, each documented with the one
 that reads it):
 
-`decode` (docs/BENCHMARKS.md "Decoding speed"). Two measurements:
+`sft_step` (docs/PERFORMANCE.md "SFT sequence packing"): one SFT training step, unpacked vs
+packed (`sft.pack`), on a config's real data and a work directory's finished stages; see
+`_sft_step`.
+
+`decode` (docs/PERFORMANCE.md "Decoding speed"). Two measurements:
 
 1. Constrained beam search over the SID levels, on device vs on the host. A random-init decoder
    (`configs/base.py` backbone `--backbone`, vocabulary = `--text_vocab` text tokens + L·C SID
