@@ -416,7 +416,7 @@ def _sft_step(argv: Sequence[str]) -> dict:
     rows_multiple = sft.pack_rows(cfg, mesh)
     t0 = time.perf_counter()
     host = [sft.make_batch(examples, idx, assets, cfg, np.random.default_rng([0, i]),
-                           pack_rows=rows_multiple) for i, idx in enumerate(order)]
+                           pack_multiple=rows_multiple) for i, idx in enumerate(order)]
     build_ms = 1e3 * (time.perf_counter() - t0) / len(host)
     graphdef, state, state_sh, tx, _ = sft.init_state(cfg, assets, mesh, 1000)
     batches = [parallel.shard_batch(b, mesh, rules) for b in host]

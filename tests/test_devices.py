@@ -145,7 +145,7 @@ def test_sft_step(setup, sft_assets):
   mesh = _meshes()[8]
   assert sft.pack_rows(cfg, mesh) == 4
   host = sft.make_batch(examples, loader.index_batches(len(examples), bs, 0)[0], assets, cfg,
-                        np.random.default_rng(0), pack_rows=sft.pack_rows(cfg, mesh))
+                        np.random.default_rng(0), pack_multiple=sft.pack_rows(cfg, mesh))
   assert len(host["tokens"]) % 4 == 0 and len(host["q_item"]) == bs
   graphdef, state, state_sh, tx, _ = sft.init_state(cfg, assets, mesh, 100)
   batch = parallel.shard_batch(host, mesh, rules)

@@ -23,7 +23,7 @@ def batches(request, demo_workdir):
   examples, _ = sft.training_examples(cfg, ds, assets)
   idx = np.arange(16) % len(examples)
   plain = sft.make_batch(examples, idx, assets, cfg, np.random.default_rng(3))
-  packed = sft.make_batch(examples, idx, assets, cfg, np.random.default_rng(3), pack_rows=2)
+  packed = sft.make_batch(examples, idx, assets, cfg, np.random.default_rng(3), pack_multiple=2)
   return cfg, assets, plain, packed
 
 

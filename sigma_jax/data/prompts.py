@@ -194,13 +194,13 @@ def pack(batch: dict, row_multiple: int = 1) -> dict:
   Examples are right-padded, so one uses its first ``attn_mask.sum()`` slots. They are placed
   first-fit in decreasing length order, each contiguous inside one row; R is the rows used,
   rounded up to a multiple of ``row_multiple`` (so R splits over the data-parallel devices;
-  padding rows are all padding). The token arrays (tokens,
-  inject_items, attn_mask) become [R, T] and ``segment_ids`` [R, T] is added (k for the k-th
-  example of a row, 0 for padding). The per-example arrays keep their [B, ...] shape and order,
-  so in-batch and hard negatives are unchanged; ntp_pos and q_pos become flat indices into the
-  R·T tokens (`sigma.sft_loss` reads a batch with segment_ids this way). With attention kept
-  inside a segment and positions restarting at each (`backbone.Decoder`), the loss equals the
-  unpacked batch's while the model runs over R rows instead of B.
+  the extra rows are all padding). The token arrays (tokens, inject_items, attn_mask) become
+  [R, T] and ``segment_ids`` [R, T] is added (k for the k-th example of a row, 0 for padding).
+  The per-example arrays keep their [B, ...] shape and order, so in-batch and hard negatives
+  are unchanged; ntp_pos and q_pos become flat indices into the R·T tokens (`sigma.sft_loss`
+  reads a batch with segment_ids this way). With attention kept inside a segment and positions
+  restarting at each (`backbone.Decoder`), the loss equals the unpacked batch's while the model
+  runs over R rows instead of B.
   """
   mask = np.asarray(batch["attn_mask"]).astype(bool)
   b, t = mask.shape

@@ -144,8 +144,8 @@ def example_prompt(ex: Example, assets: Assets) -> dict:
 
 
 def pack_rows(cfg, mesh) -> int:
-  """``make_batch``'s ``pack_rows`` for ``cfg.sft.pack`` on ``mesh``: 0 (no packing), or the
-  multiple packed row counts are rounded to (4, and a multiple of the data-parallel devices so
+  """``make_batch``'s ``pack_multiple`` for ``cfg.sft.pack`` on ``mesh``: 0 (no packing), or
+  the multiple packed row counts are rounded to (4, and a multiple of the data-parallel devices so
   the rows split over them like the batch does; few distinct counts, so few compilations)."""
   if not cfg.sft.get("pack", False):
     return 0
@@ -153,20 +153,20 @@ def pack_rows(cfg, mesh) -> int:
 
 
 def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng,
-               rows: slice = slice(None), pack_rows: int = 0) -> dict:
+               rows: slice = slice(None), pack_multiple: int = 0) -> dict:
   """The arrays of the global batch ``idx`` (example indices), for the rows ``rows`` only.
 
   Random draws (hard negatives) are made for the whole global batch from ``rng`` and then
   sliced, so a process that builds only its rows (``distributed.host_rows``) gets exactly the
-  rows of the single-process batch. With ``pack_rows`` > 0 (``pack_rows(cfg, mesh)``) the
-  examples are packed several to a row (``prompts.pack``, R a multiple of ``pack_rows``): every
+  rows of the single-process batch. With ``pack_multiple`` > 0 (``pack_rows(cfg, mesh)``) the
+  examples are packed several to a row (``prompts.pack``, R a multiple of it): every
   process packs the whole global batch the same way and keeps its block of the R packed rows
   and its ``rows`` of the per-example arrays.
   """
   h = int(cfg.dataset.max_history)
   max_q = h + 1 if cfg.sft.every_position else 1
   num_hard = int(cfg.sft.hard_negatives)
-  pack = pack_rows > 0
+  pack = pack_multiple > 0
   build = slice(None) if pack else rows
   rand = rng.random((len(idx), max_q, num_hard))[build] if num_hard else None
   arrays = prompts.stack([example_prompt(examples[i], assets) for i in np.asarray(idx)[build]])
@@ -174,7 +174,7 @@ def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng,
                         assets.prefix_ids, assets.bucket_table, assets.bucket_sizes, rand)
   if not pack:
     return out
-  out = prompts.pack(out, math.lcm(int(pack_rows), distributed.process_count()))
+  out = prompts.pack(out, math.lcm(int(pack_multiple), distributed.process_count()))
   packed_rows = distributed.host_rows(len(out["tokens"]))
   return {k: v[packed_rows] if k in PACKED_ROW_KEYS else v[rows] for k, v in out.items()}
 
@@ -260,7 +260,8 @@ def run_sft(cfg, workdir: str) -> dict:
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         dt = max(1e-9, time.time() - t0)
         rec = dict(m, step=meta["step"], epoch=meta["step"] / steps_per_epoch,
-                   tokens_per_s=tokens_seen * distributed.process_count() / dt, lr=float(schedule(meta["step"])))
+                   tokens_per_s=tokens_seen * distributed.process_count() / dt,
+                   lr=float(schedule(meta["step"])))
         t0, tokens_seen = time.time(), 0  # tokens of this process's rows
         utils.append_jsonl(metrics_path, rec)
         bar.set_postfix(loss=f"{m['loss']:.3f}", ntp=f"{m['ntp']:.2f}", id=f"{m['id']:.2f}")
