@@ -2,7 +2,8 @@ r"""Benchmarks of sigma_jax; one subcommand per benchmark, each prints ONE JSON 
 
   python -m launch.benchmark decode                      # the full decode benchmark
   python -m launch.benchmark decode --items=20000 --batches=1,8 --reps=3
-  python -m launch.benchmark sft_step --config=configs/beauty.py --workdir=runs/beauty --steps=10
+  python -m launch.benchmark sft_step --config=configs/beauty.py --workdir=runs/beauty \
+      --timed_steps=10
 
 Subcommands (add one by writing a `_<name>(argv) -> dict` function and listing it in
 `SUBCOMMANDS`; flags are absl flags shared by all subcommands, each documented with the one
@@ -82,11 +83,22 @@ _CONSTRAINT_BATCH = flags.DEFINE_integer("constraint_batch", 64,
 _CONSTRAINT_REPS = flags.DEFINE_integer("constraint_reps", 50,
                                         "decode: timed calls per level and catalogue size.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed of parameters, prompts and catalogues.")
-_CONFIG = config_flags.DEFINE_config_file("config", None,
-                                          "sft_step: experiment config (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "sft_step: a work directory whose stages before "
-                               "sft are done (its tokenizer, SIDs and item features are used).")
-_STEPS = flags.DEFINE_integer("steps", 20, "sft_step: timed training steps per layout.")
+
+
+def _shared_flag(name: str, define: Callable, *args) -> Callable[[], Any]:
+  """The value getter of absl flag ``name``, defined here unless another launch module imported
+  into the same process (the tests import several) already defined it."""
+  if name not in flags.FLAGS:
+    define(name, *args)
+  return lambda: flags.FLAGS[name].value
+
+
+_CONFIG = _shared_flag("config", config_flags.DEFINE_config_file, None,
+                       "sft_step: experiment config (configs/*.py).")
+_WORKDIR = _shared_flag("workdir", flags.DEFINE_string, None, "sft_step: a work directory whose "
+                        "stages before sft are done (its tokenizer, SIDs and item features).")
+_TIMED_STEPS = flags.DEFINE_integer("timed_steps", 20,
+                                    "sft_step: timed training steps per layout.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,9 +397,9 @@ def _decode(argv: Sequence[str]) -> dict:
 def _sft_step(argv: Sequence[str]) -> dict:
   """The `sft_step` benchmark: one SFT step, unpacked vs packed (`sft.pack`).
 
-  On the config's data and the workdir's stages, the first `--steps` batches of the epoch's
-  order are built once per layout (host time reported), each layout's jitted step runs over all
-  of them once untimed (compiling every packed row count), then the two layouts' steps are timed
+  On the config's data and the workdir's stages, the first `--timed_steps` batches of the
+  epoch's order are built once per layout (host time reported), each layout's jitted step runs
+  over all of them once untimed (compiling every packed row count), then the two layouts' steps are timed
   alternately batch by batch from fresh states (median ms per step). `loss_rel_diff`: how far
   the packed first step's loss is from the unpacked one's (the same computation, so ~1e-6).
   """
@@ -397,7 +409,7 @@ def _sft_step(argv: Sequence[str]) -> dict:
   from sigma_jax import parallel
   from sigma_jax.data import loader
   from sigma_jax.train import sft
-  cfg, workdir = _CONFIG.value, _WORKDIR.value
+  cfg, workdir = _CONFIG(), _WORKDIR()
   if cfg is None or not workdir:
     raise app.UsageError("sft_step needs --config=configs/<name>.py and --workdir=<run>")
   t_start = time.perf_counter()
@@ -407,7 +419,7 @@ def _sft_step(argv: Sequence[str]) -> dict:
   mesh = parallel.make_mesh(cfg.mesh)
   rules = cfg.axis_rules
   bs = int(cfg.sft.batch_size)
-  order = loader.index_batches(len(examples), bs, int(cfg.seed))[:_STEPS.value]
+  order = loader.index_batches(len(examples), bs, int(cfg.seed))[:_TIMED_STEPS.value]
   feats = parallel.put_replicated(np.asarray(assets.feats), mesh)
 
   layouts = {}

@@ -73,7 +73,8 @@ def test_sft_step_times_both_layouts_on_the_demo_run(demo_workdir):
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
       "--xla_force_host_platform_device_count=8", "")
   proc = subprocess.run([sys.executable, "-m", "launch.benchmark", "sft_step",
-                         "--config=configs/demo.py", f"--workdir={demo_workdir}", "--steps=2",
+                         "--config=configs/demo.py", f"--workdir={demo_workdir}",
+                         "--timed_steps=2",
                          "--config.sft.every_position=false", "--config.sft.batch_size=16",
                          # rows of 256 tokens hold at least two of the demo's <= 128-token prompts
                          "--config.sft.max_len=256"],
