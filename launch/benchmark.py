@@ -399,9 +399,10 @@ def _sft_step(argv: Sequence[str]) -> dict:
 
   On the config's data and the workdir's stages, the first `--timed_steps` batches of the
   epoch's order are built once per layout (host time reported), each layout's jitted step runs
-  over all of them once untimed (compiling every packed row count), then the two layouts' steps are timed
-  alternately batch by batch from fresh states (median ms per step). `loss_rel_diff`: how far
-  the packed first step's loss is from the unpacked one's (the same computation, so ~1e-6).
+  over all of them once untimed (compiling every packed row count), then the two layouts' steps
+  are timed alternately batch by batch from fresh states (median ms per step).
+  `loss_rel_diff`: how far the packed first step's loss is from the unpacked one's (the same
+  computation, so ~1e-6 or less).
   """
   del argv
   import jax
