@@ -124,19 +124,20 @@ def test_sft_step(setup, sft_assets):
   assets = sft_assets
   examples, _ = sft.training_examples(cfg, ds, assets)
   bs = int(cfg.sft.batch_size)
-  host = sft.make_batch(examples, loader.index_batches(len(examples), bs, 0)[0], assets, cfg,
-                        np.random.default_rng(0))
+  idx = loader.index_batches(len(examples), bs, 0)[0]
   rules = cfg.axis_rules
-  out = {}
-  for count, mesh in _meshes().items():
+
+  def one_step(mesh, host):
     graphdef, state, state_sh, tx, _ = sft.init_state(cfg, assets, mesh, 100)
     batch = parallel.shard_batch(host, mesh, rules)
-    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
     feats = jax.device_put(jnp.asarray(assets.feats), parallel.replicated(mesh))
     step_fn = sft.make_train_step(graphdef, tx, float(cfg.sft.mu), float(cfg.sft.tau), mesh,
-                                  rules, state_sh, batch_sh)
+                                  rules, state_sh, jax.tree.map(lambda x: x.sharding, batch))
     state, m = step_fn(state, batch, feats)
-    out[count] = (_flat(m), _flat(state["params"]))
+    return _flat(m), _flat(state["params"])
+
+  host = sft.make_batch(examples, idx, assets, cfg, np.random.default_rng(0))
+  out = {count: one_step(mesh, host) for count, mesh in _meshes().items()}
   _assert_close(out[1][0], out[8][0])
   _assert_close(out[1][1], out[8][1])
 
@@ -144,17 +145,12 @@ def test_sft_step(setup, sft_assets):
   # batch's, and the flat indices reach across shards; the step is the unpacked one.
   mesh = _meshes()[8]
   assert sft.pack_rows(cfg, mesh) == 4
-  host = sft.make_batch(examples, loader.index_batches(len(examples), bs, 0)[0], assets, cfg,
-                        np.random.default_rng(0), pack_multiple=sft.pack_rows(cfg, mesh))
+  host = sft.make_batch(examples, idx, assets, cfg, np.random.default_rng(0),
+                        pack_multiple=sft.pack_rows(cfg, mesh))
   assert len(host["tokens"]) % 4 == 0 and len(host["q_item"]) == bs
-  graphdef, state, state_sh, tx, _ = sft.init_state(cfg, assets, mesh, 100)
-  batch = parallel.shard_batch(host, mesh, rules)
-  feats = jax.device_put(jnp.asarray(assets.feats), parallel.replicated(mesh))
-  step_fn = sft.make_train_step(graphdef, tx, float(cfg.sft.mu), float(cfg.sft.tau), mesh,
-                                rules, state_sh, jax.tree.map(lambda x: x.sharding, batch))
-  state, m = step_fn(state, batch, feats)
-  _assert_close(out[1][0], _flat(m))
-  _assert_close(out[1][1], _flat(state["params"]))
+  packed = one_step(mesh, host)
+  _assert_close(out[1][0], packed[0])
+  _assert_close(out[1][1], packed[1])
 
 
 def test_generate(setup, sft_assets):
