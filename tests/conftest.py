@@ -59,7 +59,19 @@ def run_train(workdir, *overrides, config="configs/demo.py", timeout=600, check=
 
 @pytest.fixture(scope="session")
 def demo_workdir(tmp_path_factory):
-  """A work directory with every stage of the (fast) demo pipeline done."""
-  workdir = str(tmp_path_factory.mktemp("demo_run"))
-  run_train(workdir, *FAST_DEMO)
-  return workdir
+  """A work directory with every stage of the (fast) demo pipeline done.
+
+  Under pytest-xdist the workers share one run: the first to need it builds it under a file
+  lock in the session's common temporary directory; the others wait for it, then read it.
+  """
+  import fcntl
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # common to every worker of this session
+  workdir = base / "demo_run"
+  with open(base / "demo_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (workdir / "eval" / "DONE.json").exists():  # eval: the pipeline's last stage
+      workdir.mkdir(exist_ok=True)
+      run_train(str(workdir), *FAST_DEMO)  # resumable, should a worker have died mid-run
+  return str(workdir)

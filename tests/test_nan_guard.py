@@ -58,7 +58,8 @@ def workdir(demo_workdir, tmp_path_factory):
   """A copy of the finished demo run without checkpoints, evaluation or DONE markers."""
   dst = str(tmp_path_factory.mktemp("nan") / "w")
   shutil.copytree(demo_workdir, dst,
-                  ignore=shutil.ignore_patterns("ckpt", "DONE.json", "eval", "metrics.jsonl"))
+                  ignore=shutil.ignore_patterns("ckpt", "DONE.json", "eval", "metrics.jsonl",
+                                                "plots"))
   return dst
 
 
