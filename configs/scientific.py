@@ -11,17 +11,18 @@ JustForYou (next-item) task. SFT trains on JustForYou only here: the published b
 single-task, and the comparison rows share one training recipe. docs/RESULTS.md has the numbers
 this config gives and the machine they came from.
 
-The comparison command gives (test, 8,442 users; 2 CPU cores). sigma, sigma_no_apf and gr_sid
-train on one example per history position, as this config does; gr_id and sigma_no_grounding
-were trained with the previous recipe (one sequence per user, a loss at every position:
---config.sft.every_position=true), which also gave sigma .0853 / .0529 (R@10 / N@10):
+The comparison command gives (test, 8,442 users; 2 CPU cores). sigma, sigma_no_apf, gr_id and
+gr_sid train on one example per history position, as this config does; sigma_no_grounding was
+trained with the previous recipe (one sequence per user, a loss at every position:
+--config.sft.every_position=true), which also gave sigma .0853 / .0529 (R@10 / N@10) and gr_id
+.0501 / .0301:
 
   row                 R@5    N@5    R@10   N@10   (validation N@10)
   collab (SASRec)     .0842  .0680  .1092  .0760  (.0807)
   sigma (tau .003)    .0891  .0683  .1169  .0773  (.0852)
   sigma_no_apf        .0795  .0613  .1012  .0684  (.0750)
   gr_sid              .0733  .0544  .1009  .0632  (.0693)
-  gr_id               .0351  .0253  .0501  .0301  (.0348)   previous recipe
+  gr_id               .0789  .0623  .1015  .0696  (.0729)
   sigma_no_grounding  .0493  .0357  .0752  .0440  (.0496)   previous recipe
 """
 from configs import base
