@@ -27,6 +27,6 @@ setuptools.setup(
         "tqdm>=4.66",
         "matplotlib==3.11.2",  # sigma_jax.plots
     ],
-    extras_require={"test": ["pytest>=8.0", "pytest-xdist==3.8.0", "nbclient==0.11.0", "nbformat==5.11.1",
-                             "ipykernel==7.4.0"]},
+    extras_require={"test": ["pytest>=8.0", "pytest-xdist==3.8.0", "nbclient==0.11.0",
+                             "nbformat==5.11.1", "ipykernel==7.4.0"]},
 )

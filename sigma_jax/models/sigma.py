@@ -105,7 +105,8 @@ def sft_loss(model: SigmaModel, batch: dict, feats: jax.Array, mu: float,
   """
   h = model.hidden(batch["tokens"], batch["inject_items"], batch["attn_mask"], feats,
                    segment_ids=batch.get("segment_ids"))
-  if "segment_ids" in batch:  # packed: [R, T, D] -> [1, R·T, D]; the indices [B, P] are flat, so gather as one row
+  if "segment_ids" in batch:
+    # Packed: [R, T, D] -> [1, R·T, D]; the indices [B, P] are flat, so gather as one row.
     h = h.reshape(1, -1, h.shape[-1])
     gather = lambda x, pos: _gather(x, pos.reshape(1, -1)).reshape(pos.shape + x.shape[2:])
   else:
