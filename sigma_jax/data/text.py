@@ -18,7 +18,7 @@ import re
 import numpy as np
 import sentencepiece as spm
 
-from sigma_jax import pipeline, utils
+from sigma_jax import utils, workdir as wd
 
 PAD, UNK = 0, 1
 START, END, QUERY, ITEM = "<|start|>", "<|end|>", "<q>", "<item>"
@@ -111,24 +111,4 @@ def train_spm(texts, vocab_size: int, out_path: str) -> str:
 
 
 def model_path(workdir: str) -> str:
-  return os.path.join(workdir, "text_tokenizer", "spm.model")
-
-
-@pipeline.stage("text_tokenizer")
-def run_text_tokenizer(cfg, workdir: str) -> dict:
-  from sigma_jax.data import loader
-  ds = loader.load_dataset(cfg, workdir)
-  from sigma_jax.data import prompts, tasks
-  # Item texts plus every instruction phrasing, so instructions are in-vocabulary words.
-  texts = ([it.text for it in ds.raw.items] + tasks.all_template_texts() +
-           [prompts.HISTORY_VERB])
-  path = model_path(workdir)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  train_spm(texts, int(cfg.text.vocab_size), path)
-  tok = TextTokenizer(path)
-  lengths = [len(x) for x in tok.sp.encode([it.text for it in ds.raw.items])]
-  summary = {"spm_size": tok.spm_size, "item_text_tokens": {
-      "mean": float(np.mean(lengths)), "p95": float(np.percentile(lengths, 95)),
-      "max": int(np.max(lengths))}}
-  utils.write_json(os.path.join(workdir, "text_tokenizer", "summary.json"), summary)
-  return summary
+  return wd.path(workdir, wd.SPM_MODEL)

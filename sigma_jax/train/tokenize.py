@@ -1,6 +1,7 @@
-"""Stage ``tokenize``: semantic IDs from the grounded item embeddings (DESIGN §1.2).
+"""Semantic IDs: the settings the ``tokenize`` stage checks and the artifacts it leaves.
 
-Writes to ``WORKDIR/tokenize``: ``sids.npy`` [N, L(+1)] (the full SID, with the de-duplication
+The stage (``sigma_jax.stages.tokenize``) makes SIDs from the grounded item embeddings
+(DESIGN §1.2) with ``models.rq`` and writes to ``WORKDIR/tokenize``: ``sids.npy`` [N, L(+1)] (the full SID, with the de-duplication
 level when ``tokenizer.dedup``), ``buckets.npz`` (prefix id of each item, the padded
 prefix -> items table, bucket sizes, the prefixes) and ``report.json`` (codebook usage per level,
 full-SID collision rate before and after de-duplication, bucket sizes).
@@ -12,14 +13,13 @@ same seed and so the same SIDs.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from sigma_jax import pipeline, utils
+from sigma_jax import utils, workdir as wd
 from sigma_jax.models import rq
 
-SOURCES = {"grounded": "item_text_emb.npy", "raw": "raw_text_emb.npy"}
+# tokenizer.source -> the item embeddings the SIDs are made from.
+SOURCES = {"grounded": wd.GROUND_TEXT_EMB, "raw": wd.GROUND_RAW_EMB}
 
 
 def check_config(tok_cfg, num_items: int | None = None) -> None:
@@ -46,36 +46,8 @@ def check_config(tok_cfg, num_items: int | None = None) -> None:
 
 def load(workdir: str) -> dict:
   """The tokenize stage's arrays: sids, prefix_ids, bucket_table, bucket_sizes, prefixes."""
-  d = os.path.join(workdir, "tokenize")
-  if not os.path.exists(os.path.join(d, "sids.npy")):
-    raise FileNotFoundError(f"{d}/sids.npy is missing: run the 'tokenize' stage first")
-  out = dict(np.load(os.path.join(d, "buckets.npz")))
-  out["sids"] = np.load(os.path.join(d, "sids.npy"))
-  out["report"] = utils.read_json(os.path.join(d, "report.json"))
+  sids = np.load(wd.require(workdir, wd.TOKENIZE_SIDS, "tokenize"))
+  out = dict(np.load(wd.path(workdir, wd.TOKENIZE_BUCKETS)))
+  out["sids"] = sids
+  out["report"] = utils.read_json(wd.path(workdir, wd.TOKENIZE_REPORT))
   return out
-
-
-@pipeline.stage("tokenize")
-def run_tokenize(cfg, workdir: str) -> dict:
-  t = cfg.tokenizer
-  source = t.get("source", "grounded")
-  if source not in SOURCES:
-    raise ValueError(f"tokenizer.source must be one of {sorted(SOURCES)}, got {source!r}")
-  path = os.path.join(workdir, "ground", SOURCES[source])
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: run the 'ground' stage before 'tokenize'")
-  x = np.load(path)
-  check_config(t, len(x))
-  out = rq.tokenize_items(x, t, seed=int(cfg.seed))
-  d = os.path.join(workdir, "tokenize")
-  report = dict(out["report"], source=source, num_items=int(len(x)))
-  utils.save_npy(os.path.join(d, "codes.npy"), out["codes"])
-  utils.save_npy(os.path.join(d, "sids.npy"), out["sids"])
-  utils.atomic_write(os.path.join(d, "buckets.npz"), lambda f: np.savez(
-      f, prefix_ids=out["prefix_ids"], bucket_table=out["bucket_table"],
-      bucket_sizes=out["bucket_sizes"], prefixes=out["prefixes"]), "wb")
-  if out["train_info"]:
-    utils.write_json(os.path.join(d, "train_info.json"), out["train_info"])
-  utils.write_json(os.path.join(d, "report.json"), report)
-  return {k: report[k] for k in ("usage_per_level", "collision_rate_before",
-                                 "collision_rate_after", "bucket_size_max", "bucket_size_mean")}

@@ -1,20 +1,17 @@
-"""Stage ``eval``: every task's metrics on validation and test, ranked by the on-device generator.
+"""Every task's metrics on validation and test, ranked by the on-device generator.
 
-Writes ``WORKDIR/eval/metrics.json``:
-  {"tasks": {TASK: {"validation": {...}, "test": {...}}}, "mode": ..., "protocol": {...}}
-Ranking metrics: HR@{1,5,10,20} (= Recall@K with one target), NDCG@{5,10,20}; constrained
-tasks (Query, Category) add the share of recommendations that satisfy the constraint; exploratory
+The ``eval`` stage (``sigma_jax.stages.eval``), the comparison's τ sweep and the diagnostics all
+rank through ``evaluate``. Ranking metrics: HR@{1,5,10,20} (= Recall@K with one target),
+NDCG@{5,10,20}; constrained tasks (Query, Category) add the share of recommendations that satisfy the constraint; exploratory
 ones (Longtail, Discover) add category coverage, intra-list diversity and long-tail share. Every
 list's share of invalid entries (unknown item, padding, duplicate) is reported and must be 0.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from tqdm import tqdm
 
-from sigma_jax import parallel, pipeline, utils
+from sigma_jax import parallel
 from sigma_jax.data import loader, tasks as tasks_lib
 from sigma_jax.eval import metrics as M
 from sigma_jax.generate import generator as gen_lib
@@ -99,31 +96,3 @@ def load_generator(cfg, workdir: str, mode=None, fuse=None):
   mesh = parallel.make_mesh(cfg.mesh)
   graphdef, params, step = sft.load_params(cfg, workdir, assets, mesh)
   return ds, gen_lib.Generator(cfg, assets, graphdef, params, mode=mode, fuse=fuse), step
-
-
-@pipeline.stage("eval")
-def run_eval(cfg, workdir: str) -> dict:
-  ds, gen, step = load_generator(cfg, workdir)
-  limit = int(cfg.generation.eval_limit) or None
-  ranks = {}
-  results = evaluate(cfg, ds, gen, task_names=sft.task_list(cfg.generation.eval_tasks),
-                     limit=limit, progress=bool(cfg.get("progress", True)), ranks_out=ranks)
-  g = cfg.generation
-  available, unavailable = tasks_lib.available_tasks(ds)
-  out = {"tasks": results, "mode": gen.mode, "fused": gen.spec.fuse, "sft_step": int(step),
-         "unavailable": unavailable,
-         "protocol": {"split": "leave-one-out; validation = second-last item, test = last",
-                      "ranking": "full catalogue through the generator; constrained tasks "
-                                 "decode against the tables of the allowed items",
-                      "history_items": "never returned" if gen.exclude_history
-                                       else "ranked like any other item",
-                      "examples_per_task": "all" if limit is None else f"first {limit}",
-                      "num_beams": int(g.num_beams), "top_m": int(g.top_m),
-                      "top_n": int(g.top_n), "apf_tau": float(g.apf_tau),
-                      "invalid_or_duplicate_items": "impossible by construction; measured as "
-                                                    "invalid_share"}}
-  # Per-example target ranks, for paired tests between rows (launch.compare).
-  utils.atomic_write(os.path.join(workdir, "eval", "ranks.npz"),
-                     lambda f: np.savez(f, **ranks), "wb")
-  utils.write_json(os.path.join(workdir, "eval", "metrics.json"), out)
-  return {t: {s: round(v.get("hr@10", 0.0), 4) for s, v in r.items()} for t, r in results.items()}

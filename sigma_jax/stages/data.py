@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
-from sigma_jax import pipeline, utils
+from sigma_jax import utils, workdir as wd
 from sigma_jax.data import builders, loader
 
 
-@pipeline.stage("data")
-def run_data(cfg, workdir: str) -> dict:
+def run(cfg, workdir: str) -> dict:
   builders.build(cfg.dataset.name, loader.tfds_dir(cfg, workdir), cfg.dataset.manual_dir)
   ds = loader.load_dataset(cfg, workdir)
   stats = ds.raw.stats()
@@ -21,5 +19,5 @@ def run_data(cfg, workdir: str) -> dict:
     logging.warning("dataset.exclude_history is on but %.1f%% of interactions repeat an earlier "
                     "item of the same user: those targets can never be recommended",
                     100 * stats["repeat_share"])
-  utils.write_json(os.path.join(workdir, "data", "stats.json"), stats)
+  utils.write_json(wd.path(workdir, wd.DATA_STATS), stats)
   return {k: stats[k] for k in ("num_users", "num_items", "num_interactions")}
