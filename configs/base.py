@@ -4,10 +4,6 @@ Every field can be overridden on the command line as ``--config.section.field=va
 """
 import ml_collections
 
-from sigma_jax.data import tasks
-
-ALL_STAGES = "data,text_tokenizer,collab,ground,tokenize,sft,eval"
-
 
 def axis_rules():
   """Logical axis name -> mesh axes. One table for parameters and activations (DESIGN §5)."""
@@ -55,7 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.progress = True  # progress bars on long loops
-  c.stages = ALL_STAGES  # comma-separated, run in this order
+  # "default": data, text_tokenizer, collab, ground, tokenize, sft, eval (sigma_jax/pipeline.py);
+  # or a comma-separated list of stages, which always run in the pipeline's order.
+  c.stages = "default"
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "beauty"  # beauty | scientific | movielens | demo
@@ -94,8 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.collab.weight_decay = 0.0
   c.collab.eval_every = 1
   c.collab.patience = 10  # epochs without validation gain before stopping
+  c.collab.select_metric = "ndcg@10"  # the validation metric that picks the epoch
 
-  # Optional stage `pretrain` (not in ALL_STAGES): causal LM over item texts and templates.
+  # Optional stage `pretrain` (not in the default stages): causal LM over item texts and templates.
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.use = "auto"  # auto: ground and sft start from WORKDIR/pretrain when it exists
   c.pretrain.steps = 1000
@@ -126,8 +125,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.ground.ckpt_every = 250
   c.ground.encode_batch = 512
 
-  # Task thresholds, defined once (sigma_jax/data/tasks.py documents each).
-  c.tasks = ml_collections.ConfigDict(tasks.TASK_DEFAULTS)
+  # Task thresholds (sigma_jax/data/tasks.py documents each; its TASK_DEFAULTS, the library's
+  # defaults for callers without a config, equal these: tests/test_configs.py).
+  c.tasks = ml_collections.ConfigDict()
+  c.tasks.longtail_head_share = 0.8  # the head: most popular items covering this share
+  c.tasks.holiday_days = 14  # a holiday window: this many days up to the holiday
+  c.tasks.query_min_terms = 1  # query terms drawn uniformly in [min, max] ...
+  c.tasks.query_max_terms = 3
+  c.tasks.query_min_matches = 2  # ... a term added only while this many items still match
+  c.tasks.max_train_per_user = 50  # training examples per user and task; 0: all
+  c.tasks.phrasings_seed = 0  # seeds every per-example choice
 
   c.sft = ml_collections.ConfigDict()
   c.sft.max_len = 128  # prompt tokens; gr_sid (full SIDs in the history) needs more

@@ -414,38 +414,34 @@ def _sft_step(argv: Sequence[str]) -> dict:
   if cfg is None or not workdir:
     raise app.UsageError("sft_step needs --config=configs/<name>.py and --workdir=<run>")
   t_start = time.perf_counter()
-  assets = sft.load_assets(cfg, workdir)
   ds = loader.load_dataset(cfg, workdir)
-  examples, _ = sft.training_examples(cfg, ds, assets)
   mesh = parallel.make_mesh(cfg.mesh)
   rules = cfg.axis_rules
   bs = int(cfg.sft.batch_size)
-  order = loader.index_batches(len(examples), bs, int(cfg.seed))[:_TIMED_STEPS.value]
-  feats = parallel.put_replicated(np.asarray(assets.feats), mesh)
 
   layouts = {}
   for pack in (False, True):
     cfg.sft.pack = pack
-    rows_multiple = sft.pack_rows(cfg, mesh)
+    # The sft stage's own setup: its examples, batches, negatives and jitted step.
+    run = sft.setup(cfg, workdir, mesh, ds=ds, total_steps=1000)
+    steps = range(min(_TIMED_STEPS.value, len(run.order)))
     t0 = time.perf_counter()
-    host = [sft.make_batch(examples, idx, assets, cfg, np.random.default_rng([0, i]),
-                           pack_multiple=rows_multiple) for i, idx in enumerate(order)]
+    host = [run.host_batch(i) for i in steps]
     build_ms = 1e3 * (time.perf_counter() - t0) / len(host)
-    graphdef, state, state_sh, tx, _ = sft.init_state(cfg, assets, mesh, 1000)
     batches = [parallel.shard_batch(b, mesh, rules) for b in host]
-    step = sft.make_train_step(graphdef, tx, float(cfg.sft.mu), float(cfg.sft.tau), mesh, rules,
-                               state_sh, jax.tree.map(lambda x: x.sharding, batches[0]),
-                               str(cfg.sft.get("id_negatives", "batch")))
+    state, feats = run.state, run.feats
     fresh = jax.tree.map(np.asarray, state)
     first_loss = None
     for b in batches:  # compile every shape
-      state, m = step(state, b, feats)
+      state, m = run.train_step(state, b, feats)
       first_loss = float(m["loss"]) if first_loss is None else first_loss
     rows = [len(b["tokens"]) for b in host]
     real = sum(int(b["attn_mask"].sum()) for b in host)
-    layouts[pack] = dict(step=step, batches=batches, fresh=fresh, state_sh=state_sh, times=[],
-                         first_loss=first_loss, build_ms=build_ms, rows_mean=float(np.mean(rows)),
+    layouts[pack] = dict(step=run.train_step, batches=batches, fresh=fresh,
+                         state_sh=run.state_sh, times=[], first_loss=first_loss,
+                         build_ms=build_ms, rows_mean=float(np.mean(rows)),
                          real_fraction=real / (sum(rows) * int(cfg.sft.max_len)))
+  examples, rows_multiple, order = len(run.examples), run.pack_multiple, list(steps)
   for lay in layouts.values():
     lay["state"] = jax.device_put(lay["fresh"], lay["state_sh"])
   for i in range(len(order)):
@@ -462,7 +458,7 @@ def _sft_step(argv: Sequence[str]) -> dict:
   plain, packed = summary(layouts[False]), summary(layouts[True])
   return dict(
       benchmark="sft_step",
-      setting=dict(workdir=workdir, dataset=str(cfg.dataset.name), examples=len(examples),
+      setting=dict(workdir=workdir, dataset=str(cfg.dataset.name), examples=examples,
                    every_position=bool(cfg.sft.every_position), batch_size=bs,
                    max_len=int(cfg.sft.max_len), steps=len(order), row_multiple=rows_multiple),
       machine=machine_info(),

@@ -52,33 +52,19 @@ def main(argv):
 
   cfg, workdir = _CONFIG.value, _WORKDIR.value
   cfg.progress = False
-  seed, rules, bs = int(cfg.seed), cfg.axis_rules, int(cfg.sft.batch_size)
   ds = loader.load_dataset(cfg, workdir)
-  assets = sft.load_assets(cfg, workdir)
-  examples, _ = sft.training_examples(cfg, ds, assets)
-  mesh = parallel.make_mesh(cfg.mesh)
-  graphdef, state, state_sh, tx, _ = sft.init_state(cfg, assets, mesh, _STEPS.value)
-  feats = parallel.put_replicated(np.asarray(assets.feats), mesh)
-  rows = distributed.host_rows(bs)
-  packing = sft.pack_rows(cfg, mesh)  # as the sft stage packs (sft.pack)
-  sample = sft.make_batch(examples, np.arange(bs) % len(examples), assets, cfg,
-                          np.random.default_rng(0), rows, packing)
-  batch_sh = {k: parallel.batch_sharding(mesh, v.ndim, rules) for k, v in sample.items()}
-  step_fn = sft.make_train_step(graphdef, tx, float(cfg.sft.mu), float(cfg.sft.tau), mesh, rules,
-                                state_sh, batch_sh)
-  order = loader.index_batches(len(examples), bs, seed)
-  losses = []
+  # The SFT stage's own setup (sigma_jax.train.sft.setup): the same loss, negatives and packing.
+  run = sft.setup(cfg, workdir, parallel.make_mesh(cfg.mesh), ds=ds, total_steps=_STEPS.value)
+  state, losses = run.state, []
   for step in range(_STEPS.value):
-    batch = sft.make_batch(examples, order[step], assets, cfg,
-                           np.random.default_rng([seed, step]), rows, packing)
-    state, m = step_fn(state, parallel.shard_batch(batch, mesh, rules), feats)
+    state, m = run.step(state, run.host_batch(step))
     losses.append(float(m["loss"]))
     logging.warning("process %d step %d loss %.6f", distributed.process_index(), step + 1,
                     losses[-1])
 
   params = multihost_utils.process_allgather(state["params"], tiled=True)
   flat = np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(params)])
-  gen = gen_lib.Generator(cfg, assets, graphdef, state["params"])
+  gen = gen_lib.Generator(cfg, run.assets, run.graphdef, state["params"])
   users = min(_USERS.value, len(ds.splits.test_hist))
   ranked = gen.recommend(ds.splits.test_hist[:users],
                          ["Recommend the next item for this user."] * users)

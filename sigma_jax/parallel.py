@@ -293,3 +293,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if _ACTIVATIONS.mesh is None:
     return x
   return with_logical_constraint(x, names, _ACTIVATIONS.mesh, _ACTIVATIONS.rules)
+
+
+def check_batch_divisible(field: str, batch_size: int, mesh) -> None:
+  """A global batch must split evenly over the data-parallel devices (mesh.data x mesh.fsdp)."""
+  dp = int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
+  if int(batch_size) % dp:
+    raise ValueError(f"{field}={batch_size} is not divisible by the {dp} data-parallel devices "
+                     f"(mesh.data x mesh.fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']})")

@@ -24,6 +24,7 @@ import re
 
 import numpy as np
 
+from sigma_jax import workdir as wd
 from sigma_jax.data import pairs, tasks as tasks_lib
 
 # Which keyword argument of `recommend` carries each task's constraint.
@@ -81,7 +82,7 @@ def check_constraint_args(task: str, **constraints) -> str | None:
 
 def has_model(workdir: str) -> bool:
   """Whether ``workdir`` holds an SFT checkpoint (a step directory under sft/ckpt)."""
-  ckpt = os.path.join(workdir, "sft", "ckpt")
+  ckpt = wd.ckpt_dir(workdir, "sft")
   return os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))
 
 
@@ -135,13 +136,13 @@ class Recommender:
     """The `Generator` returning at least ``top_n`` items (built once per list length)."""
     n = max(int(top_n), int(self.cfg.generation.top_n))
     if n not in self._generators:
-      from sigma_jax.eval import stage as eval_stage
+      from sigma_jax.eval import evaluate  # JAX and the model: only once a list is asked for
       cfg = self.cfg
       if n != int(cfg.generation.top_n):
         cfg = cfg.copy_and_resolve_references()
         cfg.generation.top_n = n
       try:
-        _, gen, self.step = eval_stage.load_generator(cfg, self.workdir)
+        _, gen, self.step = evaluate.load_generator(cfg, self.workdir)
       except FileNotFoundError as e:
         raise ServeError(str(e).splitlines()[0]) from e
       self._generators[n] = gen

@@ -65,13 +65,13 @@ def demo_workdir(tmp_path_factory):
   lock in the session's common temporary directory; the others wait for it, then read it.
   """
   import fcntl
-  from sigma_jax import pipeline
+  from sigma_jax import workdir as wd
   base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent  # common to every worker of this session
   workdir = base / "demo_run"
   with open(base / "demo_run.lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    if not pipeline.is_done(str(workdir), "eval"):  # eval: the pipeline's last stage
+    if not wd.is_done(str(workdir), "eval"):  # eval: the pipeline's last stage
       run_train(str(workdir), *FAST_DEMO)  # resumable, should a worker have died mid-run
   return str(workdir)

@@ -27,9 +27,9 @@ def _splits():
 
 def _cfg():
   # Only the fields stage collab reads (the same names as configs/base.py's c.collab).
-  return ml_collections.ConfigDict(dict(seed=0, collab=dict(
+  return ml_collections.ConfigDict(dict(seed=0, dataset=dict(exclude_history=False), collab=dict(
       d_model=16, num_blocks=1, num_heads=2, dropout=0.1, max_len=8, epochs=2, batch_size=32,
-      learning_rate=1e-2, weight_decay=0.0, eval_every=1, patience=10)))
+      learning_rate=1e-2, weight_decay=0.0, eval_every=1, patience=10, select_metric="ndcg@10")))
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from sigma_jax.eval import stage as eval_stage
+from sigma_jax.eval import evaluate as eval_lib
 from sigma_jax.generate import generator as gen_lib
 
 
@@ -11,7 +11,7 @@ from sigma_jax.generate import generator as gen_lib
 def loaded(demo_workdir):
   cfg = demo.get_config()
   cfg.generation.top_n = 10
-  ds, gen, _ = eval_stage.load_generator(cfg, demo_workdir)
+  ds, gen, _ = eval_lib.load_generator(cfg, demo_workdir)
   hist = ds.splits.test_hist[:16]
   return cfg, ds, gen, hist
 

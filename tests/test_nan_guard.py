@@ -14,8 +14,9 @@ import optax
 import pytest
 
 from sigma_jax.checkpoint import Checkpointer
-from sigma_jax.train import collab, ground, optim, sft
-from sigma_jax.train.ground import NonFiniteLossError
+from sigma_jax.stages import ground as ground_stage, sft as sft_stage
+from sigma_jax.train import collab, optim
+from sigma_jax.train.loop import NonFiniteLossError
 
 # Reading a saved step back without a target: Orbax warns that it takes the saved shardings.
 pytestmark = pytest.mark.filterwarnings("ignore:Sharding info not provided")
@@ -96,7 +97,7 @@ def test_ground_nan_keeps_last_good_checkpoint(monkeypatch, workdir):
   cfg = _cfg(ground=dict(steps=40, ckpt_every=10, log_every=25, eval_every=50))
   with pytest.raises(NonFiniteLossError, match=r"stage ground, step 22: .*last good "
                                                r"checkpoint: step 20"):
-    ground.run_ground(cfg, workdir)
+    ground_stage.run(cfg, workdir)
   _assert_good_checkpoint(os.path.join(workdir, "ground", "ckpt"), 20)
   with open(emb_path, "rb") as f:
     assert f.read() == before  # the artifact was not rewritten
@@ -107,5 +108,5 @@ def test_sft_nan_keeps_last_good_checkpoint(monkeypatch, workdir):
   cfg = _cfg(sft=dict(steps=20, ckpt_every=5, log_every=25))
   with pytest.raises(NonFiniteLossError, match=r"stage sft, step 12: .*last good "
                                                r"checkpoint: step 10"):
-    sft.run_sft(cfg, workdir)
+    sft_stage.run(cfg, workdir)
   _assert_good_checkpoint(os.path.join(workdir, "sft", "ckpt"), 10)

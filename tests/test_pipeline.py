@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from configs import base
-from sigma_jax import pipeline
+from sigma_jax import pipeline, workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,7 +57,7 @@ def test_a_recipe_from_before_a_new_key_matches_its_old_behaviour(tmp_path):
   old = pipeline.recipe(cfg, "sft", workdir)
   del old["sft.similarity"]
   os.makedirs(os.path.join(workdir, "sft"))
-  with open(pipeline.recipe_path(workdir, "sft"), "w") as f:
+  with open(wd.recipe_path(workdir, "sft"), "w") as f:
     json.dump(old, f)
   assert pipeline.recipe_changes(cfg, workdir, "sft") == []
   cfg.sft.similarity = "dot"
@@ -67,7 +67,7 @@ def test_a_recipe_from_before_a_new_key_matches_its_old_behaviour(tmp_path):
 def test_bad_override_and_unknown_stage_fail_clearly(tmp_path):
   out = _train(str(tmp_path / "w"), "--config.stages=data,fly")
   assert out.returncode != 0
-  assert "unknown or unavailable stage(s) ['fly']" in out.stderr
+  assert "unknown stage(s) ['fly']" in out.stderr
   out = _train(str(tmp_path / "w"), "--config.collab.no_such_field=3")
   assert out.returncode != 0
   assert "no_such_field" in out.stderr
@@ -83,6 +83,12 @@ def test_every_config_file_loads(module):
 
 def test_stage_order_is_fixed():
   assert pipeline.parse_stages("data") == ["data"]
+  assert pipeline.parse_stages("eval,data") == ["data", "eval"]
+  # "default" is every stage but the optional pretrain, in the one order pipeline.STAGES gives.
+  assert pipeline.parse_stages("default") == ["data", "text_tokenizer", "collab", "ground",
+                                              "tokenize", "sft", "eval"]
+  assert list(pipeline.STAGES) == ["data", "text_tokenizer", "collab", "pretrain", "ground",
+                                   "tokenize", "sft", "eval"]
   with pytest.raises(ValueError, match="config.stages is empty"):
     pipeline.parse_stages(" , ")
   with pytest.raises(ValueError, match="unknown backbone size"):

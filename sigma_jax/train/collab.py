@@ -1,11 +1,12 @@
-"""Stage ``collab``: trains the SASRec ID model and exports its item table as the frozen v_ID.
+"""The collaborative model (SASRec): trained by the ``collab`` stage, its item table is the frozen
+v_ID that grounding and SFT read.
 
 Protocol (TIGER's, DESIGN §3): one training example per user — the last ``max_len + 1`` items of
 the user's training part, inputs and targets shifted by one, full-softmax loss at every position.
 Validation and test rank ALL N items by ``last hidden state · item table^T``; items already in the
 history are ranked last when ``cfg.dataset.exclude_history`` (no item repeats within a user's
-sequence on these datasets), else they compete like any other (TIGER ranks all items). The epoch is selected on validation only;
-test is evaluated once, at the selected epoch.
+sequence on these datasets), else they compete like any other (TIGER ranks all items). The
+epoch is selected on validation only; test is evaluated once, at the selected epoch.
 
 Outputs under ``workdir/collab/``:
   ckpt/           Orbax checkpoints, one per epoch (resume after a kill)
@@ -17,11 +18,9 @@ A run whose ``result.json`` exists is not run again.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
-import time
 
 import grain
 import jax
@@ -31,12 +30,12 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sigma_jax import pipeline, utils
+from sigma_jax import utils, workdir as wd
 from sigma_jax.checkpoint import Checkpointer
 from sigma_jax.data.splits import PAD_ITEM, Splits, left_pad
 from sigma_jax.eval.metrics import ranking_metrics
 from sigma_jax.models.sasrec import SASRec, next_item_loss
-from sigma_jax.train.ground import check_finite
+from sigma_jax.train import loop
 
 KS = (1, 5, 10, 20)
 EVAL_BATCH = 1024
@@ -214,10 +213,6 @@ def _graphdef(n: int, ccfg, seed: int):
   return nnx.split(nnx.eval_shape(lambda: build_model(n, ccfg, seed)), nnx.Param)[0]
 
 
-def _write_atomic(path: str, write_fn) -> None:
-  utils.atomic_write(path, write_fn, "wb")
-
-
 def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
                  max_epochs_this_run: int | None = None) -> dict:
   """Trains (or resumes, or skips) the collaborative model and writes its artifacts.
@@ -225,7 +220,7 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
   Args:
     cfg: the experiment config; reads ``cfg.seed`` and ``cfg.collab`` (d_model, num_blocks,
       num_heads, dropout, max_len, epochs, batch_size, learning_rate, weight_decay, eval_every,
-      patience, and optionally select_metric, default 'ndcg@10').
+      patience, select_metric).
     splits: leave-one-out splits.
     workdir: the run's work directory; this stage writes under ``workdir/collab``.
     progress: show a tqdm bar.
@@ -237,17 +232,11 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
     ``max_epochs_this_run``.
   """
   ccfg = cfg.collab
-  out_dir = os.path.join(workdir, "collab")
-  os.makedirs(out_dir, exist_ok=True)
-  result_path = os.path.join(out_dir, "result.json")
-  emb_path = os.path.join(out_dir, "item_emb.npy")
-  metrics_path = os.path.join(out_dir, "metrics.jsonl")
-  if os.path.exists(result_path) and os.path.exists(emb_path):
+  select = str(ccfg.select_metric)
+  result_path = wd.path(workdir, wd.COLLAB_RESULT)
+  if os.path.exists(result_path) and os.path.exists(wd.path(workdir, wd.COLLAB_ITEM_EMB)):
     logging.info("collab: %s exists; stage already finished", result_path)
-    with open(result_path) as f:
-      return json.load(f)
-
-  select = ccfg.get("select_metric", "ndcg@10")
+    return utils.read_json(result_path)
   seed = int(cfg.seed)
   n = splits.num_items
   max_len = int(ccfg.max_len)
@@ -259,84 +248,64 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
   steps_per_epoch = math.ceil(num_ex / bs)
 
   tx = make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
-  init_state, abstract, device = _state_fns(n, ccfg, seed, tx)
+  init_state, _, device = _state_fns(n, ccfg, seed, tx)
   graphdef = _graphdef(n, ccfg, seed)
   train_step = make_train_step(graphdef, tx)
   exclude = exclude_history(cfg)
   topk_fn = make_topk_fn(graphdef, max(KS), exclude)
-  meta = {"epoch": 0, "best_epoch": 0, "best_value": None, "history": [], "done": False}
-
-  ckpt = Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2, local=True)
-  restored = ckpt.restore(abstract)
-  if restored is None:
-    # One compiled init instead of one dispatch per parameter.
-    tree = jax.jit(init_state, out_shardings=device)()
-  else:
-    _, tree, meta = restored
-    logging.info("collab: resumed after epoch %d", meta["epoch"])
-  state, best_params = tree["train"], tree["best_params"]
-  # metrics.jsonl is rebuilt from the checkpoint so lines written after it (then killed) go.
-  _write_atomic(metrics_path, lambda f: f.write(
-      "".join(json.dumps(h) + "\n" for h in meta["history"]).encode()))
-
   # seed itself initialises the parameters. RBG keys: the train step compiles several times
   # faster than with threefry, whose dropout-mask kernels dominate XLA CPU compile time.
   base_rng = jax.random.key(seed + 1, impl="rbg")
-  bar = tqdm(total=ccfg.epochs * steps_per_epoch, initial=meta["epoch"] * steps_per_epoch,
-             disable=not progress, desc="collab", dynamic_ncols=True)
-  epochs_run = 0
-  try:
-    while not meta["done"]:
-      epoch = meta["epoch"] + 1
-      t0 = time.time()
-      order = epoch_order(num_ex, bs, seed, epoch)
-      losses, pending = [], []
-      for step in range(steps_per_epoch):
-        idx = order[step]
-        state, m = train_step(state, make_batch(inputs[idx], targets[idx], bs), base_rng)
-        losses.append(m["loss"])
-        pending.append(((epoch - 1) * steps_per_epoch + step + 1, m))
-        bar.update(1)
-        if step % 20 == 0:
-          bar.set_postfix(epoch=epoch, loss=f"{float(m['loss']):.3f}")
-      # Before evaluating or saving: a non-finite epoch must never become a checkpoint.
-      check_finite("collab", pending, ckpt)
-      record = {"epoch": epoch, "step": int(state["step"]),
-                "train_loss": float(np.mean(jax.device_get(losses))),
-                "train_s": round(time.time() - t0, 2)}
-      if epoch % ccfg.eval_every == 0 or epoch == ccfg.epochs:
-        val = evaluate(topk_fn, state["params"], splits.valid_hist, splits.valid_target,
-                       max_len, n)
-        record["validation"] = val
-        if meta["best_value"] is None or val[select] > meta["best_value"]:
-          meta["best_value"], meta["best_epoch"] = val[select], epoch
-          # Copied: the live params are donated to the next train step.
-          best_params = _copy_tree(state["params"])
-        bar.write(f"collab epoch {epoch}: loss {record['train_loss']:.4f} "
-                  f"val {select} {val[select]:.4f} (best {meta['best_value']:.4f} "
-                  f"@ {meta['best_epoch']})")
-      record["time_s"] = round(time.time() - t0, 2)
-      meta["history"].append(record)
-      meta["epoch"] = epoch
-      stop_early = epoch - meta["best_epoch"] >= ccfg.patience
-      meta["done"] = epoch >= ccfg.epochs or stop_early
-      meta.update(seed=seed, config=ccfg.to_dict(), select_metric=select,
-                  data_position={"seed": seed, "epoch": epoch + 1, "step": 0})
-      ckpt.save(epoch, {"train": state, "best_params": best_params}, meta)
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-      epochs_run += 1
-      if not meta["done"] and max_epochs_this_run is not None and \
-          epochs_run >= max_epochs_this_run:
-        return {"finished": False, "epoch": epoch}
-  finally:
-    bar.close()
-    ckpt.close()  # waits for the last asynchronous save
+  losses = []  # this epoch's, as device scalars (an epoch is never split by a checkpoint)
+
+  def step_fn(tree, step):
+    epoch, i = divmod(step, steps_per_epoch)
+    idx = epoch_order(num_ex, bs, seed, epoch + 1)[i]
+    state, m = train_step(tree["train"], make_batch(inputs[idx], targets[idx], bs), base_rng)
+    losses.append(m["loss"])
+    return dict(tree, train=state), m, len(idx)
+
+  def end_of_epoch(tree, meta, m, examples_per_s):
+    epoch = meta["step"] // steps_per_epoch
+    record = {"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses))),
+              "examples_per_s": round(examples_per_s, 1)}
+    losses.clear()
+    if epoch % ccfg.eval_every == 0 or epoch == ccfg.epochs:
+      val = evaluate(topk_fn, tree["train"]["params"], splits.valid_hist, splits.valid_target,
+                     max_len, n)
+      record["validation"] = val
+      if meta["best_value"] is None or val[select] > meta["best_value"]:
+        meta["best_value"], meta["best_epoch"] = val[select], epoch
+        # Copied: the live params are donated to the next train step.
+        tree = dict(tree, best_params=_copy_tree(tree["train"]["params"]))
+      tqdm.write(f"collab epoch {epoch}: loss {record['train_loss']:.4f} val {select} "
+                 f"{val[select]:.4f} (best {meta['best_value']:.4f} @ {meta['best_epoch']})")
+    meta["history"].append(dict(record, step=meta["step"]))
+    meta["epoch"] = epoch
+    meta["done"] = epoch >= ccfg.epochs or epoch - meta["best_epoch"] >= ccfg.patience
+    meta.update(seed=seed, config=ccfg.to_dict(), select_metric=select,
+                data_position={"seed": seed, "epoch": epoch + 1, "step": 0})
+    return tree, record
+
+  spec = loop.Loop("collab", workdir, int(ccfg.epochs) * steps_per_epoch, steps_per_epoch,
+                   steps_per_epoch, progress=progress, local=True,
+                   ckpt_number=lambda meta: meta["epoch"],
+                   resumed="resumed after epoch {epoch}", postfix=("train_loss",))
+  meta = {"step": 0, "epoch": 0, "best_epoch": 0, "best_value": None, "history": [],
+          "done": False}
+  # One compiled init instead of one dispatch per parameter, on one explicit device, so fresh
+  # and restored states (the loop restores into this tree's shardings) compile alike.
+  tree = jax.jit(init_state, out_shardings=device)()
+  tree, meta, finished = loop.train(
+      spec, tree, meta, step_fn, end_of_epoch,
+      stop_after=None if max_epochs_this_run is None else max_epochs_this_run * steps_per_epoch)
+  if not finished:
+    return {"finished": False, "epoch": meta["epoch"]}
 
   best = meta["best_epoch"]
   val = next(h["validation"] for h in meta["history"] if h["epoch"] == best)
-  test = evaluate(topk_fn, best_params, splits.test_hist, splits.test_target, max_len, n)
-  emb = np.asarray(nnx.merge(graphdef, best_params).item_embeddings(), dtype=np.float32)
+  test = evaluate(topk_fn, tree["best_params"], splits.test_hist, splits.test_target, max_len, n)
+  emb = np.asarray(nnx.merge(graphdef, tree["best_params"]).item_embeddings(), dtype=np.float32)
   result = {"best_epoch": best, "select_metric": select, "epochs_run": meta["epoch"],
             "validation": val, "test": test,
             "exclude_history": exclude,
@@ -344,14 +313,14 @@ def train_collab(cfg, splits: Splits, workdir: str, *, progress: bool = True,
                         "loss at every position); full ranking over all items, history items "
                         + ("ranked last" if exclude else "not excluded")
                         + "; epoch selected on validation"}
-  _write_atomic(emb_path, lambda f: np.save(f, emb))
-  _write_atomic(result_path, lambda f: f.write(json.dumps(result, indent=2).encode()))
+  utils.save_npy(wd.path(workdir, wd.COLLAB_ITEM_EMB), emb)
+  utils.write_json(result_path, result)
   return result
 
 
 def exclude_history(cfg) -> bool:
-  """``cfg.dataset.exclude_history`` (False when the config has no dataset section)."""
-  return bool(cfg.dataset.get("exclude_history", False)) if "dataset" in cfg else False
+  """``cfg.dataset.exclude_history``: rank the items of the user's own history last."""
+  return bool(cfg.dataset.exclude_history)
 
 
 def load_best(cfg, num_items: int, workdir: str):
@@ -359,7 +328,7 @@ def load_best(cfg, num_items: int, workdir: str):
   ccfg, seed = cfg.collab, int(cfg.seed)
   tx = make_optimizer(float(ccfg.learning_rate), float(ccfg.weight_decay))
   _, abstract, _ = _state_fns(num_items, ccfg, seed, tx)
-  with Checkpointer(os.path.join(workdir, "collab", "ckpt"), max_to_keep=2, local=True) as ckpt:
+  with Checkpointer(wd.ckpt_dir(workdir, "collab"), max_to_keep=2, local=True) as ckpt:
     restored = ckpt.restore(abstract)
   if restored is None:
     raise FileNotFoundError(f"{workdir}/collab/ckpt holds no checkpoint")
@@ -376,7 +345,7 @@ def rescore(cfg, splits: Splits, workdir: str) -> dict:
   says. The epoch is not re-selected (that would need every epoch's parameters); the result
   says under which protocol it was selected. Nothing is written.
   """
-  result = utils.read_json(os.path.join(workdir, "collab", "result.json"))
+  result = utils.read_json(wd.path(workdir, wd.COLLAB_RESULT))
   n, max_len = splits.num_items, int(cfg.collab.max_len)
   graphdef, params, best_epoch = load_best(cfg, n, workdir)
   if best_epoch != int(result["best_epoch"]):
@@ -390,14 +359,3 @@ def rescore(cfg, splits: Splits, workdir: str) -> dict:
           "test": evaluate(topk_fn, params, splits.test_hist, splits.test_target, max_len, n),
           "exclude_history": exclude,
           "epoch_selected_with_exclude_history": bool(result.get("exclude_history", False))}
-
-
-@pipeline.stage("collab")
-def run_collab(cfg, workdir: str) -> dict:
-  """Stage ``collab``: SASRec over the training split; writes the frozen `v_ID` table."""
-  from sigma_jax.data import loader  # the data stage's dataset, with its leave-one-out splits
-  ds = loader.load_dataset(cfg, workdir)
-  result = train_collab(cfg, ds.splits, workdir, progress=bool(cfg.get("progress", True)))
-  return {"best_epoch": result["best_epoch"],
-          "validation": {k: result["validation"][k] for k in ("recall@10", "ndcg@10")},
-          "test": {k: result["test"][k] for k in ("recall@10", "ndcg@10")}}

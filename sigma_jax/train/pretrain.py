@@ -1,9 +1,9 @@
-"""Stage ``pretrain`` (optional): a causal LM over item texts and instruction templates.
+"""Pretraining (the optional ``pretrain`` stage): a causal LM over item texts and instructions.
 
 A from-scratch backbone (the CPU default) knows no words when grounding starts; this stage
 teaches it the catalogue's language first, so the grounding text tower and the SFT backbone start
-from the same pretrained decoder (DESIGN §2). It is off by default (not in ``ALL_STAGES``); run
-it with ``--config.stages=data,text_tokenizer,collab,pretrain,ground,tokenize,sft,eval``.
+from the same pretrained decoder (DESIGN §2). It is off by default (not in the pipeline's default stages);
+run it with ``--config.stages=data,text_tokenizer,collab,pretrain,ground,tokenize,sft,eval``.
 
 Corpus: every item's text (title, categories, brand, tags) followed by ``<|end|>``, plus every
 instruction phrasing repeated ``pretrain.template_repeats`` times. A random
@@ -22,21 +22,17 @@ Which later stages use it is ``pretrain.use``: ``auto`` (whenever ``backbone/`` 
 """
 from __future__ import annotations
 
-import logging
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
-from sigma_jax import checkpoint, distributed, parallel, pipeline, utils
+from sigma_jax import checkpoint, distributed, parallel, workdir as wd
 from sigma_jax.data import loader, prompts, tasks, text
 from sigma_jax.models import backbone
-from sigma_jax.train import optim
 
 USE_CHOICES = ("auto", "always", "never")
 
@@ -92,38 +88,8 @@ def batch_rows(num_rows: int, batch_size: int, seed: int, step: int) -> np.ndarr
   return order[i * batch_size:(i + 1) * batch_size]
 
 
-def model_config(cfg, vocab_size: int):
-  m = cfg.model.copy_and_resolve_references()
-  m.vocab_size = int(vocab_size)
-  m.max_len = int(cfg.pretrain.max_len)
-  return m
-
-
-def backbone_dir(workdir: str) -> str:
-  return os.path.join(workdir, "pretrain", "backbone")
-
-
-@pipeline.stage("pretrain")
-def run_pretrain(cfg, workdir: str) -> dict:
-  from sigma_jax.train.ground import check_finite  # ground imports this module
-  p = cfg.pretrain
-  seed = int(cfg.seed)
-  out_dir = os.path.join(workdir, "pretrain")
-  ds = loader.load_dataset(cfg, workdir)
-  tok = text.TextTokenizer(text.model_path(workdir))
-  train, held, is_item = corpus(ds, tok, int(p.max_len), int(p.template_repeats),
-                                float(p.heldout_share), seed)
-  mesh, rules = parallel.make_mesh(cfg.mesh), cfg.axis_rules
-  mcfg = model_config(cfg, tok.spm_size)
-  graphdef, params = parallel.init_sharded(
-      lambda: backbone.Decoder(mcfg, rngs=nnx.Rngs(seed)), mesh, rules)
-  steps, bs = int(p.steps), int(p.batch_size)
-  tx, _ = optim.make_optimizer(p.learning_rate, p.warmup_steps, steps, p.weight_decay)
-  repl = parallel.replicated(mesh)
-  state, state_sh = parallel.train_state(tx, params, mesh, rules)
-  param_sh = state_sh["params"]
-  ids_sh = parallel.batch_sharding(mesh, 2, rules)
-
+def make_train_step(graphdef, tx, mesh, rules, state_sh, ids_sh):
+  """Jitted ``step(state, ids [B, T]) -> (state, metrics)`` of the LM loss; state is donated."""
   def train_step(st, ids):
     with parallel.activation_sharding(mesh, rules):
       (loss, n), grads = jax.value_and_grad(
@@ -133,73 +99,40 @@ def run_pretrain(cfg, workdir: str) -> dict:
                  step=st["step"] + 1),
             {"loss": loss, "tokens": n, "grad_norm": optax.tree.norm(grads)})
 
-  step_fn = jax.jit(train_step, in_shardings=(state_sh, ids_sh), out_shardings=(state_sh, repl),
-                    donate_argnums=0)
-  eval_fn = jax.jit(lambda q, ids: lm_batch_loss(graphdef, q, ids), in_shardings=(param_sh, ids_sh),
-                    out_shardings=repl)
+  return jax.jit(train_step, in_shardings=(state_sh, ids_sh),
+                 out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=0)
 
-  def heldout_loss(q) -> float | None:
+
+def make_heldout_loss(graphdef, held: np.ndarray, batch_size: int, mesh, rules, param_sh):
+  """``loss(params) -> float | None``: the mean next-token loss over the held-out rows."""
+  ids_sh = parallel.batch_sharding(mesh, 2, rules)
+  eval_fn = jax.jit(lambda q, ids: lm_batch_loss(graphdef, q, ids),
+                    in_shardings=(param_sh, ids_sh), out_shardings=parallel.replicated(mesh))
+
+  def loss(params) -> float | None:
     if not len(held):
       return None
     total, count = 0.0, 0
-    for s in range(0, len(held), bs):
-      rows = held[s:s + bs]
-      pad = bs - len(rows)  # fixed shape: one compilation; padded rows have no targets
+    for s in range(0, len(held), batch_size):
+      rows = held[s:s + batch_size]
+      pad = batch_size - len(rows)  # fixed shape: one compilation; padded rows have no targets
       rows = np.concatenate([rows, np.full((pad, rows.shape[1]), text.PAD, np.int32)])
-      rows = rows[distributed.host_rows(bs)]
-      loss, n = eval_fn(q, parallel.shard_batch({"ids": rows}, mesh, rules)["ids"])
-      total, count = total + float(loss) * int(n), count + int(n)
+      rows = rows[distributed.host_rows(batch_size)]
+      value, n = eval_fn(params, parallel.shard_batch({"ids": rows}, mesh, rules)["ids"])
+      total, count = total + float(value) * int(n), count + int(n)
     return total / max(1, count)
+  return loss
 
-  ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2)
-  meta = {"step": 0, "before": None}
-  restored = ckpt.restore(state)
-  if restored is not None:
-    _, state, meta = restored
-    logging.info("pretrain: resumed at step %d", meta["step"])
-  metrics_path = os.path.join(out_dir, "metrics.jsonl")
-  utils.truncate_jsonl(metrics_path, lambda r: r["step"] <= meta["step"])
-  if meta["before"] is None:
-    meta["before"] = heldout_loss(state["params"])
 
-  bar = tqdm(total=steps, initial=meta["step"], desc="pretrain", dynamic_ncols=True,
-             disable=not cfg.get("progress", True))
-  t0, tokens, pending = time.time(), 0, []
-  try:
-    while meta["step"] < steps:
-      step = meta["step"]
-      rows = train[batch_rows(len(train), bs, seed, step)[distributed.host_rows(bs)]]
-      state, m = step_fn(state, parallel.shard_batch({"ids": rows}, mesh, rules)["ids"])
-      meta["step"] = step + 1
-      pending.append((meta["step"], m))
-      tokens += int((rows != text.PAD).sum()) * distributed.process_count()
-      bar.update(1)
-      done = meta["step"] == steps
-      save = meta["step"] % int(p.ckpt_every) == 0 or done
-      if meta["step"] % int(p.log_every) == 0 or save:
-        check_finite("pretrain", pending, ckpt)
-        m = jax.device_get(m)
-        rec = {"step": meta["step"], "loss": float(m["loss"]),
-               "grad_norm": float(m["grad_norm"]),
-               "tokens_per_s": tokens / max(1e-9, time.time() - t0)}
-        t0, tokens = time.time(), 0
-        utils.append_jsonl(metrics_path, rec)
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
-      if save:
-        ckpt.save(meta["step"], state, meta)
-  finally:
-    bar.close()
-    ckpt.close()
+def model_config(cfg, vocab_size: int):
+  m = cfg.model.copy_and_resolve_references()
+  m.vocab_size = int(vocab_size)
+  m.max_len = int(cfg.pretrain.max_len)
+  return m
 
-  after = heldout_loss(state["params"])
-  final = checkpoint.Checkpointer(backbone_dir(workdir), max_to_keep=1, async_save=False)
-  final.save(steps, state["params"], {"vocab_size": int(tok.spm_size), "steps": steps})
-  final.close()
-  report = {"heldout_items": int(len(held)), "train_rows": int(len(train)),
-            "train_item_rows": int(is_item.sum()), "steps": steps, "batch_size": bs,
-            "heldout_lm_loss": {"before": meta["before"], "after": after}}
-  utils.write_json(os.path.join(out_dir, "report.json"), report)
-  return {"heldout_lm_loss": report["heldout_lm_loss"], "steps": steps}
+
+def backbone_dir(workdir: str) -> str:
+  return wd.path(workdir, wd.PRETRAIN_BACKBONE)
 
 
 def resolve(cfg, workdir: str) -> str | None:
@@ -212,7 +145,7 @@ def resolve(cfg, workdir: str) -> str | None:
   if use not in USE_CHOICES:
     raise ValueError(f"pretrain.use={use!r}; choose from {USE_CHOICES}")
   path = backbone_dir(workdir)
-  exists = pipeline.is_done(workdir, "pretrain") and os.path.isdir(path)
+  exists = wd.is_done(workdir, "pretrain") and os.path.isdir(path)
   if use == "never" or (use == "auto" and not exists):
     return None
   if not exists:

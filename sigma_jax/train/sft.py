@@ -1,4 +1,8 @@
-"""Stage ``sft``: multi-task instruction tuning of the backbone + ProjFuse + `<q>` head.
+"""Instruction tuning (SFT) of the backbone + ProjFuse + `<q>` head: the library the ``sft`` stage,
+serving, evaluation, the benchmark and the multi-host check share.
+
+``setup`` builds everything one SFT run needs (assets, examples, model and optimizer state, the
+jitted step, the batches); ``load_assets`` and ``load_params`` are what inference needs.
 
 Training examples: every task the dataset allows (``data/tasks.py``), training split only.
 JustForYou trains with a loss at every history position in one pass (``sft.every_position``);
@@ -11,23 +15,18 @@ gradient norm, tokens/s) and ``tasks.json`` (examples per task and split).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
-from sigma_jax import checkpoint, config_checks, distributed, parallel, pipeline, utils
+from sigma_jax import checkpoint, distributed, parallel, workdir as wd
 from sigma_jax.data import loader, prompts, tasks, text
 from sigma_jax.models import projfuse, sigma
-from sigma_jax.train import optim, pretrain, tokenize as tokenize_stage
-from sigma_jax.train.ground import check_finite
+from sigma_jax.train import optim, pretrain, tokenize
 
 MODES = ("sigma", "gr_sid", "gr_id")
 
@@ -50,7 +49,7 @@ def load_assets(cfg, workdir: str) -> Assets:
   mode = cfg.generation.mode
   if mode not in MODES:
     raise ValueError(f"generation.mode must be one of {MODES}, got {mode!r}")
-  tz = tokenize_stage.load(workdir)
+  tz = tokenize.load(workdir)
   sids = tz["sids"]
   levels = int(cfg.tokenizer.levels)
   dedup = int(sids[:, levels:].max()) + 1 if sids.shape[1] > levels else 0
@@ -147,7 +146,7 @@ def pack_rows(cfg, mesh) -> int:
   """``make_batch``'s ``pack_multiple`` for ``cfg.sft.pack`` on ``mesh``: 0 (no packing), or
   the multiple packed row counts are rounded to (4, and a multiple of the data-parallel devices so
   the rows split over them like the batch does; few distinct counts, so few compilations)."""
-  if not cfg.sft.get("pack", False):
+  if not cfg.sft.pack:
     return 0
   return math.lcm(4, int(mesh.shape["data"]) * int(mesh.shape["fsdp"]))
 
@@ -202,80 +201,6 @@ def make_train_step(graphdef, tx, mu: float, tau: float, mesh, rules, state_sh, 
                  out_shardings=(state_sh, repl), donate_argnums=0)
 
 
-@pipeline.stage("sft")
-def run_sft(cfg, workdir: str) -> dict:
-  s = cfg.sft
-  seed = int(cfg.seed)
-  out_dir = os.path.join(workdir, "sft")
-  ds = loader.load_dataset(cfg, workdir)
-  assets = load_assets(cfg, workdir)
-  examples, train_counts = training_examples(cfg, ds, assets)
-  utils.write_json(os.path.join(out_dir, "tasks.json"), tasks.task_counts(ds, cfg.tasks))
-
-  mesh = parallel.make_mesh(cfg.mesh)
-  rules = cfg.axis_rules
-  batch_size = int(s.batch_size)
-  config_checks.check_batch_divisible("sft.batch_size", batch_size, mesh)
-  steps_per_epoch = loader.steps_per_epoch(len(examples), batch_size)
-  total = int(s.epochs * steps_per_epoch) if s.steps <= 0 else int(s.steps)
-  graphdef, state, state_sh, tx, schedule = init_state(cfg, assets, mesh, total, workdir)
-  feats = parallel.put_replicated(np.asarray(assets.feats), mesh)
-  packing = pack_rows(cfg, mesh)
-  sample = make_batch(examples, np.arange(batch_size) % len(examples), assets, cfg,
-                      np.random.default_rng(0), distributed.host_rows(batch_size), packing)
-  batch_sh = {k: parallel.batch_sharding(mesh, v.ndim, rules) for k, v in sample.items()}
-  step_fn = make_train_step(graphdef, tx, float(s.mu), float(s.tau), mesh, rules, state_sh,
-                            batch_sh, str(s.get("id_negatives", "batch")))
-
-  ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "ckpt"), max_to_keep=2)
-  meta = {"step": 0}
-  restored = ckpt.restore(state)
-  if restored is not None:
-    _, state, meta = restored
-    logging.info("sft: resumed at step %d", meta["step"])
-  metrics_path = os.path.join(out_dir, "metrics.jsonl")
-  utils.truncate_jsonl(metrics_path, lambda r: r["step"] <= meta["step"])
-
-  order = loader.index_batches(len(examples), batch_size, seed)
-  bar = tqdm(total=total, initial=meta["step"], desc="sft", dynamic_ncols=True,
-             disable=not cfg.get("progress", True))
-  t0, tokens_seen = time.time(), 0  # tokens of this process's rows
-  pending = []  # (step, metrics) not yet checked for NaN/Inf
-  try:
-    while meta["step"] < total:
-      step = meta["step"]
-      idx = order[step]
-      batch = make_batch(examples, idx, assets, cfg, np.random.default_rng([seed, step]),
-                         distributed.host_rows(len(idx)), packing)  # this process's rows
-      tokens_seen += int(batch["attn_mask"].sum())
-      state, m = step_fn(state, parallel.shard_batch(batch, mesh, rules), feats)
-      meta["step"] = step + 1
-      pending.append((meta["step"], m))
-      bar.update(1)
-      done = meta["step"] == total
-      save = meta["step"] % int(s.ckpt_every) == 0 or done
-      if meta["step"] % int(s.log_every) == 0 or save:
-        check_finite("sft", pending, ckpt)
-      if meta["step"] % int(s.log_every) == 0 or done:
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        dt = max(1e-9, time.time() - t0)
-        rec = dict(m, step=meta["step"], epoch=meta["step"] / steps_per_epoch,
-                   tokens_per_s=tokens_seen * distributed.process_count() / dt,
-                   lr=float(schedule(meta["step"])))
-        t0, tokens_seen = time.time(), 0  # tokens of this process's rows
-        utils.append_jsonl(metrics_path, rec)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", ntp=f"{m['ntp']:.2f}", id=f"{m['id']:.2f}")
-      if save:
-        ckpt.save(meta["step"], state, dict(meta, mode=assets.mode))
-  finally:
-    bar.close()
-    ckpt.wait()
-  ckpt.close()
-  logs = utils.read_jsonl(metrics_path)
-  return {"steps": total, "examples": train_counts, "final": logs[-1] if logs else {},
-          "mode": assets.mode}
-
-
 def init_state(cfg, assets: Assets, mesh, total_steps: int, workdir: str | None = None):
   """Model, optimizer and step, born sharded: (graphdef, state, state_shardings, tx, schedule).
 
@@ -311,9 +236,78 @@ def load_params(cfg, workdir: str, assets: Assets, mesh):
                      jax.eval_shape(tx.init, params), opt_sh)
   target = {"params": params, "opt": opt,
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh))}
-  with checkpoint.Checkpointer(os.path.join(workdir, "sft", "ckpt"), max_to_keep=2) as ckpt:
+  with checkpoint.Checkpointer(wd.ckpt_dir(workdir, "sft"), max_to_keep=2) as ckpt:
     restored = ckpt.restore(target)
   if restored is None:
     raise FileNotFoundError(f"{workdir}/sft/ckpt has no checkpoint: run the 'sft' stage first")
   step, state, _ = restored
   return graphdef, state["params"], step
+
+
+@dataclasses.dataclass
+class Setup:
+  """One SFT run's pieces, built by `setup`: the stage trains with them, the benchmark times
+  them, the multi-host check compares them across process counts."""
+  assets: Assets
+  examples: list
+  counts: dict  # training examples per task
+  mesh: jax.sharding.Mesh
+  graphdef: nnx.GraphDef
+  state: dict  # {'params', 'opt', 'step'}, sharded
+  state_sh: dict
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  feats: jax.Array  # [N, F] ProjFuse inputs, replicated
+  train_step: callable  # make_train_step's jitted step
+  order: object  # loader.index_batches: step -> example indices of the global batch
+  steps_per_epoch: int
+  total_steps: int
+  pack_multiple: int
+  cfg: object
+
+  def host_batch(self, step: int) -> dict:
+    """This process's rows of step ``step``'s batch (a pure function of seed and step)."""
+    idx = self.order[step]
+    return make_batch(self.examples, idx, self.assets, self.cfg,
+                      np.random.default_rng([int(self.cfg.seed), step]),
+                      distributed.host_rows(len(idx)), self.pack_multiple)
+
+  def step(self, state, batch: dict):
+    """One update on a ``host_batch``: (state, device metrics)."""
+    return self.train_step(state, parallel.shard_batch(batch, self.mesh, self.cfg.axis_rules),
+                           self.feats)
+
+
+def setup(cfg, workdir: str, mesh, ds: loader.Dataset | None = None,
+          total_steps: int | None = None) -> Setup:
+  """Everything an SFT run on ``workdir``'s finished earlier stages needs, born sharded.
+
+  Args:
+    cfg: the experiment config (``cfg.sft`` above all).
+    workdir: a work directory whose stages up to ``tokenize`` are done; the backbone starts from
+      its pretrain stage's decoder when ``pretrain.use`` finds one.
+    mesh: the device mesh.
+    ds: the dataset, when the caller has loaded it already.
+    total_steps: the run's length (it shapes the learning-rate schedule); default
+      ``sft.steps``, or ``sft.epochs`` epochs when that is 0.
+  """
+  s = cfg.sft
+  ds = ds if ds is not None else loader.load_dataset(cfg, workdir)
+  assets = load_assets(cfg, workdir)
+  examples, counts = training_examples(cfg, ds, assets)
+  batch_size = int(s.batch_size)
+  parallel.check_batch_divisible("sft.batch_size", batch_size, mesh)
+  steps_per_epoch = loader.steps_per_epoch(len(examples), batch_size)
+  if total_steps is None:
+    total_steps = int(s.epochs * steps_per_epoch) if s.steps <= 0 else int(s.steps)
+  graphdef, state, state_sh, tx, schedule = init_state(cfg, assets, mesh, total_steps, workdir)
+  feats = parallel.put_replicated(np.asarray(assets.feats), mesh)
+  packing = pack_rows(cfg, mesh)
+  sample = make_batch(examples, np.arange(batch_size) % len(examples), assets, cfg,
+                      np.random.default_rng(0), distributed.host_rows(batch_size), packing)
+  batch_sh = {k: parallel.batch_sharding(mesh, v.ndim, cfg.axis_rules) for k, v in sample.items()}
+  train_step = make_train_step(graphdef, tx, float(s.mu), float(s.tau), mesh, cfg.axis_rules,
+                               state_sh, batch_sh, str(s.id_negatives))
+  order = loader.index_batches(len(examples), batch_size, int(cfg.seed))
+  return Setup(assets, examples, counts, mesh, graphdef, state, state_sh, tx, schedule, feats,
+               train_step, order, steps_per_epoch, int(total_steps), packing, cfg)
