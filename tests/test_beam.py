@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import base
 from sigma_jax import parallel
-from sigma_jax.generate import beam, reference, trie
+from sigma_jax.generate import beam, reference, testing, trie
 from sigma_jax.models import backbone as bb
 from sigma_jax.models import rq
 
@@ -295,24 +295,6 @@ def test_host_reference_matches_jitted_search():
 # The real backbone
 
 
-class DecoderStep:
-  """`step_fn` over a split Decoder; equal graphdefs compare equal, so jit reuses programs."""
-
-  def __init__(self, graphdef):
-    self.graphdef = graphdef
-
-  def __hash__(self):
-    return hash(self.graphdef)
-
-  def __eq__(self, other):
-    return isinstance(other, DecoderStep) and other.graphdef == self.graphdef
-
-  def __call__(self, params, tokens, cache, step):
-    del step
-    hidden, cache = bb.apply(self.graphdef, params, tokens[:, None], cache=cache, decode=True)
-    return bb.apply(self.graphdef, params, hidden, method="logits")[:, 0], cache
-
-
 def test_decoder_integration_prefill_search_and_q_pass():
   cfg = base.backbone("tiny")
   cfg.vocab_size = 64
@@ -337,7 +319,7 @@ def test_decoder_integration_prefill_search_and_q_pass():
     return cache
 
   cache = prefill(params, prompt[:, :-1], mask[:, :-1])
-  step = DecoderStep(graphdef)
+  step = testing.DecoderStep(graphdef)
   out = beam.constrained_beam_search(step, params, prompt[:, -1], cache, tables, num_beams=k,
                                      token_offset=offs)
   allowed = {tuple(s) for s in sids.tolist()}
