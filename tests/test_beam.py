@@ -15,6 +15,7 @@ from sigma_jax import parallel
 from sigma_jax.generate import beam, reference, testing, trie
 from sigma_jax.models import backbone as bb
 from sigma_jax.models import rq
+from sigma_jax.numerics import NEG_INF
 
 HASH_MOD = 65521
 TABLE_ROWS = 4099
@@ -176,7 +177,7 @@ def test_fewer_valid_than_k_marks_extra_beams_invalid():
   allowed = np.array([[0, 1, 2, 1], [0, 1, 4, 0], [3, 2, 0, 0]], np.int32)
   out = search(table, start, cache, trie.build_tables(allowed, sizes, capacity=CAP), K, offs)
   np.testing.assert_array_equal(out.valid, [[True] * 3 + [False] * 2] * BATCH)
-  assert np.all(np.asarray(out.scores)[:, 3:] == beam.NEG_INF)
+  assert np.all(np.asarray(out.scores)[:, 3:] == NEG_INF)
   assert np.all(np.isfinite(out.scores))
   assert np.all(np.asarray(out.sequences)[:, 3:] == -1)
   assert np.all(np.asarray(out.prefix_ids)[:, 3:] == -1)
