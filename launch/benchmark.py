@@ -36,8 +36,9 @@ packed (`sft.pack`), on a config's real data and a work directory's finished sta
    model differs. `agreement` is the fraction of (example, beam) rows whose SID the two
    searches agree on (near-ties in float32 can swap beams; it should be close to 1).
    `search_only` / `speedup_search_only`: the same two searches with the backbone replaced by
-   a table lookup (`TableStep`), i.e. the search machinery alone — constraint, softmax, top-k,
-   beam bookkeeping and per-step dispatch. It is NOT the headline: `speedup` is with the model.
+   a table lookup (`generate.testing.TableStep`), i.e. the search machinery alone — constraint,
+   softmax, top-k, beam bookkeeping and per-step dispatch. It is NOT the headline: `speedup` is
+   with the model.
 
 2. Per-step constraint cost against catalogue size. For each size in `--constraint_items`,
    tables of that many random distinct SIDs are built in NumPy (`trie.build_tables`, its time
@@ -128,111 +129,8 @@ def machine_info() -> dict:
               python=platform.python_version())
 
 
-def synthetic_sids(rng, n: int, sizes: Sequence[int]):
-  """`n` distinct uniformly random SIDs.
-
-  Args:
-    rng: `np.random.Generator`.
-    n: items N (at most prod(sizes)).
-    sizes: (C_0, ..., C_{L-1}).
-
-  Returns:
-    [N, L] int32 codes, rows in random order.
-  """
-  import numpy as np
-  total = int(np.prod([float(c) for c in sizes]))
-  if n > total:
-    raise ValueError(f"{n} distinct SIDs do not fit in {tuple(sizes)} codes")
-  # Oversample then deduplicate: O(N log N), unlike a permutation of all prod(sizes) keys.
-  keys = np.zeros(0, np.int64)
-  while len(keys) < n:
-    draw = rng.integers(0, total, size=int(1.2 * (n - len(keys))) + 16, dtype=np.int64)
-    keys = np.unique(np.concatenate([keys, draw]))
-  keys = rng.permutation(keys)[:n]
-  return np.stack(np.unravel_index(keys, tuple(sizes)), axis=1).astype(np.int32)  # [N, L]
-
-
 # ---------------------------------------------------------------------------------------------
 # decode
-
-
-class DecoderStep:
-  """`step_fn(params, tokens [B*K], cache, step) -> (logits [B*K, V], cache)` of a split Decoder.
-
-  One token per beam on the KV cache, full-vocabulary logits (as `generator.generate`'s step).
-  Equal graphdefs compare equal, so jit reuses compiled programs across instances.
-  """
-
-  def __init__(self, graphdef):
-    self.graphdef = graphdef
-
-  def __hash__(self):
-    return hash(self.graphdef)
-
-  def __eq__(self, other):
-    return isinstance(other, DecoderStep) and other.graphdef == self.graphdef
-
-  def __call__(self, params, tokens, cache, step):
-    from sigma_jax.models import backbone as bb
-    del step  # the level does not change the model call
-    hidden, cache = bb.apply(self.graphdef, params, tokens[:, None], cache=cache,
-                             decode=True)  # [B*K, 1, D]
-    return bb.apply(self.graphdef, params, hidden, method="logits")[:, 0], cache  # [B*K, V]
-
-
-class TableStep:
-  """A stand-in model step without a backbone: logits are rows of a fixed table.
-
-  `step_fn(table [R, V], tokens [B*K], cache [B*K], step) -> (table[tokens % R] [B*K, V],
-  cache)`, the cache being one int per row (still reordered by both searches). Used only for
-  the `search_only` numbers, which isolate the search machinery (constraint, softmax, top-k,
-  beam bookkeeping, per-step dispatch) from the model.
-  """
-
-  def __hash__(self):
-    return hash(TableStep)
-
-  def __eq__(self, other):
-    return isinstance(other, TableStep)
-
-  def __call__(self, table, tokens, cache, step):
-    del step
-    return table[tokens % table.shape[0]], cache  # [B*K, V]
-
-
-def random_decoder(size: str, vocab_size: int, seed: int):
-  """A split random-init Decoder of a `configs/base.py` size.
-
-  Parameters are drawn in NumPy (fan-in-scaled normals, embedding std 0.02, norm scales 1):
-  Flax's initialisers compile one random op per shape, which costs seconds on a small CPU.
-
-  Returns:
-    (cfg, graphdef, params) with params on the default device.
-  """
-  import jax
-  import numpy as np
-  from flax import nnx
-
-  from configs import base
-  from sigma_jax.models import backbone as bb
-  cfg = base.backbone(size)
-  cfg.vocab_size = int(vocab_size)
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: bb.Decoder(cfg, rngs=nnx.Rngs(0))))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, x):
-    name = jax.tree_util.keystr(path)
-    if "scale" in name:
-      return np.ones(x.shape, np.float32)
-    if "embedding" in name:
-      return rng.normal(0, 0.02, x.shape).astype(np.float32)
-    # Fan-in = all axes but the output one (q/k/v [D, H, Dh] and o_proj [H, Dh, D] alike).
-    fan_in = x.shape[0] if "proj" in name and "o_proj" not in name else int(
-        np.prod(x.shape[:-1]))
-    return rng.normal(0, fan_in ** -0.5, x.shape).astype(np.float32)
-
-  params = jax.device_put(jax.tree_util.tree_map_with_path(draw, abstract))
-  return cfg, graphdef, params
 
 
 def _search_bench(cfg, graphdef, params, sids, sizes, offsets, batch: int, rng) -> dict:
@@ -240,10 +138,10 @@ def _search_bench(cfg, graphdef, params, sids, sizes, offsets, batch: int, rng) 
   import jax
   import numpy as np
 
-  from sigma_jax.generate import beam, reference, trie
+  from sigma_jax.generate import beam, reference, testing, trie
   from sigma_jax.models import backbone as bb
   k, levels, p = _NUM_BEAMS.value, len(sizes), _PROMPT_LEN.value
-  step = DecoderStep(graphdef)
+  step = testing.DecoderStep(graphdef)
   tables = jax.device_put(trie.build_tables(sids, sizes))
   allowed_fn = reference.prefix_allowed_fn(sids)
 
@@ -279,7 +177,7 @@ def _search_bench(cfg, graphdef, params, sids, sizes, offsets, batch: int, rng) 
   # The same two searches around a table-lookup step (no backbone): the search alone.
   table = jax.device_put(rng.normal(size=(997, int(cfg.vocab_size))).astype(np.float32))
   rows = jax.device_put(np.zeros(batch, np.int32))  # [B] a one-int "cache" per row
-  table_step = TableStep()
+  table_step = testing.TableStep()
   lite_device = lambda: beam.constrained_beam_search(
       table_step, table, start, rows, tables, num_beams=k, token_offset=offsets)
   lite_host = lambda: reference.host_beam_search(
@@ -311,11 +209,11 @@ def _constraint_bench(n: int, sizes, rng) -> dict:
   import jax
   import numpy as np
 
-  from sigma_jax.generate import beam, trie
+  from sigma_jax.generate import beam, testing, trie
   b, k, reps = _CONSTRAINT_BATCH.value, _NUM_BEAMS.value, _CONSTRAINT_REPS.value
   width = max(sizes)
   t0 = time.perf_counter()
-  sids = synthetic_sids(rng, n, sizes)
+  sids = testing.synthetic_sids(rng, n, sizes)
   host_tables = trie.build_tables(sids, sizes)
   build_s = time.perf_counter() - t0
   tables = jax.device_put(host_tables)
@@ -346,6 +244,9 @@ def _decode(argv: Sequence[str]) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
+
+  from configs import base
+  from sigma_jax.generate import testing
   levels, c = _LEVELS.value, _CODEBOOK.value
   if levels < 3:
     raise app.UsageError("--levels must be >= 3 so that a CSR level exists")
@@ -354,9 +255,10 @@ def _decode(argv: Sequence[str]) -> dict:
   rng = np.random.default_rng(_SEED.value)
   t_start = time.perf_counter()
 
-  cfg, graphdef, params = random_decoder(_BACKBONE.value, _TEXT_VOCAB.value + levels * c,
-                                         _SEED.value)
-  sids = synthetic_sids(rng, _ITEMS.value, sizes)
+  cfg = base.backbone(_BACKBONE.value)
+  cfg.vocab_size = _TEXT_VOCAB.value + levels * c
+  graphdef, params = testing.random_decoder(cfg, _SEED.value)
+  sids = testing.synthetic_sids(rng, _ITEMS.value, sizes)
   search = [_search_bench(cfg, graphdef, params, sids, sizes, offsets, int(bs), rng)
             for bs in _BATCHES.value]
 

@@ -12,9 +12,10 @@ from jax.sharding import PartitionSpec as P
 
 from configs import base
 from sigma_jax import parallel
-from sigma_jax.generate import beam, reference, trie
+from sigma_jax.generate import beam, reference, testing, trie
 from sigma_jax.models import backbone as bb
 from sigma_jax.models import rq
+from sigma_jax.numerics import NEG_INF
 
 HASH_MOD = 65521
 TABLE_ROWS = 4099
@@ -176,7 +177,7 @@ def test_fewer_valid_than_k_marks_extra_beams_invalid():
   allowed = np.array([[0, 1, 2, 1], [0, 1, 4, 0], [3, 2, 0, 0]], np.int32)
   out = search(table, start, cache, trie.build_tables(allowed, sizes, capacity=CAP), K, offs)
   np.testing.assert_array_equal(out.valid, [[True] * 3 + [False] * 2] * BATCH)
-  assert np.all(np.asarray(out.scores)[:, 3:] == beam.NEG_INF)
+  assert np.all(np.asarray(out.scores)[:, 3:] == NEG_INF)
   assert np.all(np.isfinite(out.scores))
   assert np.all(np.asarray(out.sequences)[:, 3:] == -1)
   assert np.all(np.asarray(out.prefix_ids)[:, 3:] == -1)
@@ -295,24 +296,6 @@ def test_host_reference_matches_jitted_search():
 # The real backbone
 
 
-class DecoderStep:
-  """`step_fn` over a split Decoder; equal graphdefs compare equal, so jit reuses programs."""
-
-  def __init__(self, graphdef):
-    self.graphdef = graphdef
-
-  def __hash__(self):
-    return hash(self.graphdef)
-
-  def __eq__(self, other):
-    return isinstance(other, DecoderStep) and other.graphdef == self.graphdef
-
-  def __call__(self, params, tokens, cache, step):
-    del step
-    hidden, cache = bb.apply(self.graphdef, params, tokens[:, None], cache=cache, decode=True)
-    return bb.apply(self.graphdef, params, hidden, method="logits")[:, 0], cache
-
-
 def test_decoder_integration_prefill_search_and_q_pass():
   cfg = base.backbone("tiny")
   cfg.vocab_size = 64
@@ -337,7 +320,7 @@ def test_decoder_integration_prefill_search_and_q_pass():
     return cache
 
   cache = prefill(params, prompt[:, :-1], mask[:, :-1])
-  step = DecoderStep(graphdef)
+  step = testing.DecoderStep(graphdef)
   out = beam.constrained_beam_search(step, params, prompt[:, -1], cache, tables, num_beams=k,
                                      token_offset=offs)
   allowed = {tuple(s) for s in sids.tolist()}

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 import pytest
 
+from sigma_jax.generate import testing
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--backbone=tiny", "--text_vocab=60", "--codebook=8", "--items=100", "--batches=1,2",
@@ -58,13 +60,12 @@ def test_decode_prints_one_json_line_of_positive_numbers():
 
 
 def test_synthetic_sids_are_distinct_and_in_range():
-  from launch import benchmark
-  sids = benchmark.synthetic_sids(np.random.default_rng(0), 500, (8, 8, 16))
+  sids = testing.synthetic_sids(np.random.default_rng(0), 500, (8, 8, 16))
   assert sids.shape == (500, 3)
   assert len({tuple(r) for r in sids.tolist()}) == 500
   assert (sids >= 0).all() and (sids < np.array([8, 8, 16])).all()
   with pytest.raises(ValueError):
-    benchmark.synthetic_sids(np.random.default_rng(0), 11, (2, 5))
+    testing.synthetic_sids(np.random.default_rng(0), 11, (2, 5))
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from sigma_jax.generate import fusion
-from sigma_jax.generate.beam import NEG_INF
 from sigma_jax.models import rq
+from sigma_jax.numerics import NEG_INF
 
 
 def beam_outputs(rng, batch, k, m, invalid_rows=()):

@@ -136,14 +136,6 @@ def stack(examples: list[dict]) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def prompt_length(spec: PromptSpec, history_len: int, instruction_len: int,
-                  verb_len: int, with_target: bool = True) -> int:
-  """Tokens used by a prompt (to size max_len)."""
-  per_item = spec.prefix_len + 2
-  return (1 + verb_len + history_len * per_item + instruction_len + 2 +
-          (spec.prefix_len + 1 if with_target else 0))
-
-
 def compact(batch: dict, max_ntp: int, max_q: int, num_hard: int, prefix_ids: np.ndarray,
             bucket_table: np.ndarray, bucket_sizes: np.ndarray,
             rand: np.ndarray | None) -> dict:

@@ -36,10 +36,6 @@ class Item:
   tags: list = dataclasses.field(default_factory=list)
   brand: str = ""
 
-  @property
-  def leaf_category(self) -> str:
-    return self.category_path[-1] if self.category_path else ""
-
 
 @dataclasses.dataclass
 class User:

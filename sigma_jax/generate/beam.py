@@ -34,11 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from sigma_jax.generate.trie import TrieTables
-
-# Finite, so masked rows never produce NaN (inf - inf) and sums of a few stay representable.
-NEG_INF = -1e30
-# A score below this has taken at least one NEG_INF step: the beam is invalid.
-_DEAD = NEG_INF / 2
+from sigma_jax.numerics import DEAD, NEG_INF
 
 TokensToLogits = Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, Any]]
 
@@ -214,7 +210,7 @@ def beam_search(tokens_to_logits: TokensToLogits, start_tokens: jax.Array, cache
     # K are the K best live candidates whenever K exist.
     scores, idx = cand_scores[:, :k_beams], cand_idx[:, :k_beams]  # [B, K]
     parent, code = idx // width, idx % width
-    valid = scores > _DEAD
+    valid = scores > DEAD
     node = jnp.take_along_axis(child.reshape(batch, -1), idx, axis=1)  # [B, K]
     sequences = _gather_beams(s.sequences, parent)
     sequences = jnp.where(jnp.arange(levels) == s.step, code[..., None], sequences)

@@ -29,9 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sigma_jax.generate.beam import NEG_INF
-
-_DEAD = NEG_INF / 2
+from sigma_jax.numerics import DEAD, NEG_INF
 
 
 @flax.struct.dataclass
@@ -98,7 +96,7 @@ def bucket_retrieval(h: jax.Array, prefix_ids: jax.Array, bucket_table: jax.Arra
   cos = jnp.where(rows >= 0, cos, NEG_INF)
   top_cos, idx = jax.lax.top_k(cos, num_items)  # [B, K, M]
   items = jnp.take_along_axis(rows, idx, axis=-1)
-  ok = top_cos > _DEAD
+  ok = top_cos > DEAD
   return jnp.where(ok, items, -1), jnp.where(ok, top_cos, NEG_INF)
 
 

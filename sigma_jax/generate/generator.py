@@ -26,8 +26,7 @@ from sigma_jax import parallel
 from sigma_jax.data import prompts, text
 from sigma_jax.generate import beam, fusion, trie
 from sigma_jax.models import rq
-
-NEG_INF = beam.NEG_INF
+from sigma_jax.numerics import DEAD, NEG_INF
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +87,7 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
     cos = q @ item_keys.T  # [B, N]
     cos = jnp.where(allowed, cos, NEG_INF)
     top, items = jax.lax.top_k(cos, spec.top_n)
-    ok = top > NEG_INF / 2
+    ok = top > DEAD
     return fusion.Ranked(items=jnp.where(ok, items, -1).astype(jnp.int32),
                          scores=jnp.where(ok, top, NEG_INF), beam=jnp.where(ok, 0, -1),
                          cos=jnp.where(ok, top, NEG_INF), valid=ok)

@@ -45,9 +45,8 @@ import optax
 from flax import nnx
 
 from sigma_jax import parallel
+from sigma_jax.numerics import NEG_INF
 
-# Finite, so a fully masked row gives a uniform softmax instead of NaN.
-NEG_INF = -1e30
 # Logical axes of the residual stream [B, T, D].
 ACT = ("batch", "length", "embed")
 

@@ -7,8 +7,7 @@ import numpy as np
 from flax import nnx
 
 from sigma_jax.models import backbone
-
-NEG_INF = -1e30
+from sigma_jax.numerics import NEG_INF
 
 
 class TextTower(nnx.Module):

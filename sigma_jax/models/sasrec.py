@@ -17,7 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-NEG_INF = -1e9  # finite, so fully masked rows (padding queries) stay NaN-free
+# The attention logit of a masked key: finite, so fully masked rows (padding queries) stay
+# NaN-free. Not `numerics.NEG_INF` (-1e30): this baseline keeps the value its reported numbers
+# were trained with.
+MASKED_LOGIT = -1e9
 
 
 def _meta(*names):
@@ -56,7 +59,7 @@ class CausalSelfAttention(nnx.Module):
     att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(self.head_dim).astype(x.dtype)
     causal = jnp.tril(jnp.ones((l, l), dtype=bool))  # [L, L]
     mask = causal[None, None] & key_valid[:, None, None, :]  # [B, 1, L, L]
-    att = jax.nn.softmax(jnp.where(mask, att, NEG_INF), axis=-1)
+    att = jax.nn.softmax(jnp.where(mask, att, MASKED_LOGIT), axis=-1)
     att = dropout(att, self.dropout_rate, rng)
     out = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, l, -1)  # [B, L, D]
     return self.o(out)

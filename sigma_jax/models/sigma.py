@@ -15,8 +15,7 @@ import optax
 from flax import nnx
 
 from sigma_jax.models import backbone, grounding, projfuse
-
-NEG_INF = -1e30
+from sigma_jax.numerics import NEG_INF
 
 
 SIMILARITIES = ("cosine", "dot")

@@ -1,0 +1,114 @@
+"""Model steps and synthetic catalogues for benchmarks and tests.
+
+`DecoderStep` and `TableStep` are `step_fn`s for `beam.constrained_beam_search` and
+`reference.host_beam_search`: the real backbone one token per beam on its KV cache, or a table
+lookup standing in for it. `random_decoder` builds a random-init backbone quickly on a CPU;
+`synthetic_sids` draws a catalogue of distinct random SIDs. Used by `launch/benchmark.py decode`
+and by the tests; nothing in the pipeline calls them.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sigma_jax.models import backbone as bb
+
+
+class DecoderStep:
+  """`step_fn(params, tokens [B*K], cache, step) -> (logits [B*K, V], cache)` of a split Decoder.
+
+  One token per beam on the KV cache, full-vocabulary logits (as `generator.generate`'s step).
+  Equal graphdefs compare equal, so jit reuses compiled programs across instances.
+  """
+
+  def __init__(self, graphdef):
+    self.graphdef = graphdef
+
+  def __hash__(self):
+    return hash(self.graphdef)
+
+  def __eq__(self, other):
+    return isinstance(other, DecoderStep) and other.graphdef == self.graphdef
+
+  def __call__(self, params, tokens, cache, step):
+    del step  # the level does not change the model call
+    hidden, cache = bb.apply(self.graphdef, params, tokens[:, None], cache=cache,
+                             decode=True)  # [B*K, 1, D]
+    return bb.apply(self.graphdef, params, hidden, method="logits")[:, 0], cache  # [B*K, V]
+
+
+class TableStep:
+  """A stand-in model step without a backbone: logits are rows of a fixed table.
+
+  `step_fn(table [R, V], tokens [B*K], cache [B*K], step) -> (table[tokens % R] [B*K, V],
+  cache)`, the cache being one int per row (still reordered by both searches). The decode
+  benchmark's `search_only` numbers use it to isolate the search machinery (constraint,
+  softmax, top-k, beam bookkeeping, per-step dispatch) from the model.
+  """
+
+  def __hash__(self):
+    return hash(TableStep)
+
+  def __eq__(self, other):
+    return isinstance(other, TableStep)
+
+  def __call__(self, table, tokens, cache, step):
+    del step
+    return table[tokens % table.shape[0]], cache  # [B*K, V]
+
+
+def random_decoder(cfg, seed: int):
+  """A split random-init Decoder.
+
+  Parameters are drawn in NumPy (fan-in-scaled normals, embedding std 0.02, norm scales 1):
+  Flax's initialisers compile one random op per shape, which costs seconds on a small CPU.
+
+  Args:
+    cfg: the backbone config (e.g. `configs.base.backbone(size)`), `vocab_size` set.
+    seed: seed of the NumPy generator the parameters are drawn from.
+
+  Returns:
+    (graphdef, params) with params on the default device.
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: bb.Decoder(cfg, rngs=nnx.Rngs(0))))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      return np.ones(x.shape, np.float32)
+    if "embedding" in name:
+      return rng.normal(0, 0.02, x.shape).astype(np.float32)
+    # Fan-in = all axes but the output one (q/k/v [D, H, Dh] and o_proj [H, Dh, D] alike).
+    fan_in = x.shape[0] if "proj" in name and "o_proj" not in name else int(
+        np.prod(x.shape[:-1]))
+    return rng.normal(0, fan_in ** -0.5, x.shape).astype(np.float32)
+
+  params = jax.device_put(jax.tree_util.tree_map_with_path(draw, abstract))
+  return graphdef, params
+
+
+def synthetic_sids(rng: np.random.Generator, n: int, sizes: Sequence[int]) -> np.ndarray:
+  """`n` distinct uniformly random SIDs.
+
+  Args:
+    rng: `np.random.Generator`.
+    n: items N (at most prod(sizes)).
+    sizes: (C_0, ..., C_{L-1}).
+
+  Returns:
+    [N, L] int32 codes, rows in random order.
+  """
+  total = int(np.prod([float(c) for c in sizes]))
+  if n > total:
+    raise ValueError(f"{n} distinct SIDs do not fit in {tuple(sizes)} codes")
+  # Oversample then deduplicate: O(N log N), unlike a permutation of all prod(sizes) keys.
+  keys = np.zeros(0, np.int64)
+  while len(keys) < n:
+    draw = rng.integers(0, total, size=int(1.2 * (n - len(keys))) + 16, dtype=np.int64)
+    keys = np.unique(np.concatenate([keys, draw]))
+  keys = rng.permutation(keys)[:n]
+  return np.stack(np.unravel_index(keys, tuple(sizes)), axis=1).astype(np.int32)  # [N, L]
