@@ -126,7 +126,7 @@ class Generator:
   def __init__(self, cfg, assets, graphdef, params, *, mode: str | None = None,
                fuse: bool | None = None, exclude_history: bool | None = None):
     g = cfg.generation
-    self.exclude_history = bool(cfg.dataset.get("exclude_history", False)
+    self.exclude_history = bool(cfg.dataset.exclude_history
                                 if exclude_history is None else exclude_history)
     self.cfg, self.assets, self.graphdef, self.params = cfg, assets, graphdef, params
     self.mode = mode or assets.mode
