@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sigma_jax import workdir as wd
 from sigma_jax.models import grounding
 
 
@@ -57,8 +58,7 @@ class ProjFuse(nnx.Module):
 def item_features(workdir: str, extra: str = "") -> np.ndarray:
   """[N, F] frozen features: unit `v_ID` (collab), unit grounded text embedding, and any extra
   modality matrices named in ``extra`` (comma-separated .npy paths, each [N, d])."""
-  paths = [os.path.join(workdir, "collab", "item_emb.npy"),
-           os.path.join(workdir, "ground", "item_text_emb.npy")]
+  paths = [wd.path(workdir, wd.COLLAB_ITEM_EMB), wd.path(workdir, wd.GROUND_TEXT_EMB)]
   paths += [p.strip() for p in extra.split(",") if p.strip()]
   mats = []
   for p in paths:
