@@ -94,15 +94,8 @@ def hit_rate_at_k(ranked: np.ndarray, target: np.ndarray, k: int) -> float:
 def ndcg_at_k(ranked: np.ndarray, target: np.ndarray, k: int) -> float:
   """NDCG@K with one relevant item: 1/log2(rank + 2) when the target is at 0-based rank < k.
 
-  The ideal DCG of a single relevant item is 1, so no further normalisation is needed.
-
-  Args:
-    ranked: [B, K'] int, K' >= k.
-    target: [B] int.
-    k: cut-off.
-
-  Returns:
-    The mean over the B users.
+  The ideal DCG of a single relevant item is 1, so no further normalisation is needed. Arguments
+  and result as for `hit_rate_at_k`.
   """
   _check_k(ranked, k)
   rank = target_rank(np.asarray(ranked)[:, :k], target)
