@@ -7,8 +7,9 @@ A stage supplies a jitted step and what to log; the loop does the rest, the same
   re-logs nothing twice;
 * **the NaN guard**: every step's metrics are checked before each log line and each checkpoint,
   so a non-finite loss never becomes a checkpoint (`NonFiniteLossError` names the step);
-* **cadence**: a log line every ``log_every`` steps and at the end, a checkpoint every
-  ``ckpt_every`` steps and at the end (logged first: a kill between the two only re-logs);
+* **cadence**: a log line every ``log_every`` steps and at every checkpoint, a checkpoint every
+  ``ckpt_every`` steps and at the end (logged first: a kill between the two only re-logs), so
+  the log has a line for every step a run can resume from;
 * **progress**: one tqdm bar.
 
 ``meta`` is the JSON-serialisable bookkeeping saved beside the state; ``meta["step"]`` is the
@@ -133,11 +134,9 @@ def train(loop: Loop, state, meta: dict, step_fn: StepFn, log_fn: LogFn, *,
       units += n
       pending.append((meta["step"], m))
       bar.update(1)
-      log = meta["step"] % int(loop.log_every) == 0 or meta["step"] == total
       save = meta["step"] % int(loop.ckpt_every) == 0 or meta["step"] == total
-      if log or save:
+      if meta["step"] % int(loop.log_every) == 0 or save:
         check_finite(loop.stage, pending, ckpt)
-      if log:
         rate = units / max(1e-9, time.time() - t0)
         state, record = log_fn(state, meta, {k: float(v) for k, v in
                                              jax.device_get(m).items()}, rate)
