@@ -25,6 +25,7 @@ setuptools.setup(
         "etils[epath]>=1.7",
         "importlib_resources>=6.0",  # tensorflow-datasets needs it but does not declare it
         "tqdm>=4.66",
+        "tensorboardX==2.6.5",  # TensorBoard event files beside each stage's metrics.jsonl
         "matplotlib==3.11.2",  # sigma_jax.plots
     ],
     extras_require={"test": ["pytest>=8.0", "pytest-xdist==3.8.0", "nbclient==0.11.0",

@@ -49,6 +49,11 @@ def metrics_log(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage, "metrics.jsonl")
 
 
+def tensorboard_dir(workdir: str, stage: str) -> str:
+  """A training stage's TensorBoard event files (``tensorboard --logdir WORKDIR`` shows them)."""
+  return os.path.join(workdir, stage, "tensorboard")
+
+
 def done_marker(workdir: str, stage: str) -> str:
   return os.path.join(workdir, stage, "DONE.json")
 

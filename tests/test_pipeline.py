@@ -93,3 +93,37 @@ def test_stage_order_is_fixed():
     pipeline.parse_stages(" , ")
   with pytest.raises(ValueError, match="unknown backbone size"):
     base.backbone("huge")
+
+
+def _tfrecords(path):
+  """The payloads of a TFRecord file (TensorBoard event files use this framing)."""
+  import struct
+  with open(path, "rb") as f:
+    data = f.read()
+  out, i = [], 0
+  while i < len(data):
+    (n,) = struct.unpack("<Q", data[i:i + 8])
+    out.append(data[i + 12:i + 12 + n])
+    i += 12 + n + 4
+  return out
+
+
+def test_training_stages_write_tensorboard_events(demo_workdir):
+  """Each training stage's log lines also go to TensorBoard event files, step for step."""
+  from tensorboardX.proto import event_pb2
+  for stage in ("collab", "ground", "sft"):
+    d = wd.tensorboard_dir(demo_workdir, stage)
+    files = [os.path.join(d, f) for f in os.listdir(d) if f.startswith("events.out.tfevents")]
+    assert files, f"no event file in {d}"
+    scalars = {}
+    for path in files:
+      for payload in _tfrecords(path):
+        ev = event_pb2.Event.FromString(payload)
+        for v in ev.summary.value:
+          scalars.setdefault(v.tag, {})[ev.step] = v.simple_value
+    with open(wd.metrics_log(demo_workdir, stage)) as f:
+      logged = [json.loads(line) for line in f]
+    key = "train_loss" if stage == "collab" else "loss"
+    assert sorted(scalars[key]) == [r["step"] for r in logged]
+    for r in logged:
+      assert abs(scalars[key][r["step"]] - r[key]) < 1e-5 * max(1.0, abs(r[key]))

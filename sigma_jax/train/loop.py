@@ -10,6 +10,9 @@ A stage supplies a jitted step and what to log; the loop does the rest, the same
 * **cadence**: a log line every ``log_every`` steps and at every checkpoint, a checkpoint every
   ``ckpt_every`` steps and at the end (logged first: a kill between the two only re-logs), so
   the log has a line for every step a run can resume from;
+* **metrics**: each log line goes to ``WORKDIR/<stage>/metrics.jsonl`` and, as scalars, to
+  TensorBoard event files in ``WORKDIR/<stage>/tensorboard/`` (``tensorboard --logdir WORKDIR``);
+  a resumed run hides the events logged after its checkpoint;
 * **progress**: one tqdm bar.
 
 ``meta`` is the JSON-serialisable bookkeeping saved beside the state; ``meta["step"]`` is the
@@ -25,6 +28,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+import tensorboardX
 from tqdm.auto import tqdm
 
 from sigma_jax import checkpoint, utils, workdir as wd
@@ -89,6 +93,35 @@ class Loop:
   postfix: tuple = ("loss",)
 
 
+def _scalars(record: dict, prefix: str = ""):
+  """(tag, value) of every number in a log record, nested dicts as 'outer/inner'."""
+  for k, v in record.items():
+    if isinstance(v, dict):
+      yield from _scalars(v, f"{prefix}{k}/")
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+      yield f"{prefix}{k}", float(v)
+
+
+class _Events:
+  """TensorBoard event files of one stage, written by process 0 only."""
+
+  def __init__(self, workdir: str, stage: str, resumed_at: int):
+    self._w = None
+    if utils.is_writer():
+      self._w = tensorboardX.SummaryWriter(
+          logdir=wd.tensorboard_dir(workdir, stage), flush_secs=30,
+          purge_step=resumed_at + 1 if resumed_at else None)
+
+  def write(self, record: dict, step: int) -> None:
+    if self._w is not None:
+      for tag, value in _scalars(record):
+        self._w.add_scalar(tag, value, step)
+
+  def close(self) -> None:
+    if self._w is not None:
+      self._w.close()
+
+
 def train(loop: Loop, state, meta: dict, step_fn: StepFn, log_fn: LogFn, *,
           begin: Callable[[Any, dict], dict] | None = None,
           stop_after: int | None = None) -> tuple[Any, dict, bool]:
@@ -123,6 +156,7 @@ def train(loop: Loop, state, meta: dict, step_fn: StepFn, log_fn: LogFn, *,
   finished = lambda: meta["step"] >= total or bool(meta.get("done"))
   bar = tqdm(total=total, initial=meta["step"], desc=loop.stage, dynamic_ncols=True,
              disable=not loop.progress)
+  events = _Events(loop.workdir, loop.stage, meta["step"])
   t0, units, pending, run_steps = time.time(), 0.0, [], 0
   try:
     while not finished():
@@ -142,10 +176,12 @@ def train(loop: Loop, state, meta: dict, step_fn: StepFn, log_fn: LogFn, *,
                                              jax.device_get(m).items()}, rate)
         t0, units = time.time(), 0.0
         utils.append_jsonl(metrics_path, dict(record, step=meta["step"]))
+        events.write(record, meta["step"])
         bar.set_postfix({k: f"{record[k]:.3f}" for k in loop.postfix if k in record})
       if save or meta.get("done"):
         ckpt.save(loop.ckpt_number(meta), state, meta)
   finally:
     bar.close()
+    events.close()
     ckpt.close()  # waits for the last asynchronous save
   return state, meta, finished()
