@@ -215,3 +215,48 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.generation.num_beams = 10
   c.generation.eval_batch = 32
   return c
+
+
+# Variants: `--config=configs/<dataset>.py:<variants>`, comma-separated names applied in order
+# to the dataset's config, e.g. `configs/beauty.py:gr_sid` or `configs/demo.py:tiny,gr_id`.
+# `tiny` shrinks the config (make_tiny); the others are the rows of `launch.compare`, defined
+# here once: each row is the dataset's config with these fields changed, and nothing else.
+ROW_VARIANTS = {
+    "sigma": {},  # the dataset's config as it is
+    # Full SIDs in the history: each item takes L + 2 tokens instead of the prefix's P + 2.
+    "gr_sid": {"generation.mode": "gr_sid", "sft.max_len": 192},
+    "gr_id": {"generation.mode": "gr_id"},
+    # SIDs from un-grounded TF-IDF text embeddings.
+    "sigma_no_grounding": {"tokenizer.source": "raw"},
+    # sigma's model ranked without APF (launch.compare reuses sigma's SFT for it).
+    "sigma_no_apf": {"generation.fuse": False},
+}
+VARIANTS = ("tiny",) + tuple(ROW_VARIANTS)
+
+
+def variant_names(arg) -> list:
+  """'tiny,gr_sid' -> ['tiny', 'gr_sid']; None or '' -> []. ValueError on an unknown name."""
+  names = [v.strip() for v in (arg or "").split(",") if v.strip()]
+  unknown = [v for v in names if v not in VARIANTS]
+  if unknown:
+    raise ValueError(f"unknown config variant(s) {', '.join(map(repr, unknown))} in "
+                     f"{arg!r}; choose comma-separated names from {', '.join(VARIANTS)}")
+  return names
+
+
+def apply_variant(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDict:
+  """Applies the variants named in ``arg`` (see VARIANTS) to ``c`` in place; returns ``c``.
+
+  Variants apply in the order given; two that set the same field: the later one wins.
+  """
+  for name in variant_names(arg):
+    if name == "tiny":
+      make_tiny(c)
+      continue
+    for dotted, value in ROW_VARIANTS[name].items():
+      node = c
+      *parents, leaf = dotted.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return c

@@ -3,6 +3,11 @@ r"""Amazon 2014 Beauty (TIGER/P5 5-core split), the headline benchmark.
   python -m launch.train --config=configs/beauty.py --workdir=runs/beauty
   python -m launch.compare --config=configs/beauty.py --workdir=runs/beauty --tau_limit=3000 \
       --taus=0.001,0.003,0.01 --rows=collab,sigma,sigma_no_apf
+  python -m launch.train --config=configs/beauty.py:gr_id --workdir=runs/beauty_gr_id
+
+A variant after the colon (configs/base.py: VARIANTS) gives one row of the comparison, or the
+test size: `:tiny`, `:gr_sid`, `:gr_id`, `:sigma_no_grounding`, `:sigma_no_apf`, or several
+comma-separated (`:tiny,gr_sid`).
 
 Data: $SIGMA_DATA_DIR/amazon2014/Beauty (or --config.dataset.manual_dir=...).
 Protocol: TIGER's leave-one-out, history <= 20, full ranking over all 12,101 items, the
@@ -37,6 +42,7 @@ def get_config(arg=None):
   # One JustForYou example per history position: validation N@10 .0276 on the first 3,000
   # users against .0187 for one sequence per user with a loss at every position (same epochs).
   c.sft.every_position = False
-  if arg == "tiny":
-    base.make_tiny(c)
-  return c
+  # APF's τ chosen on validation (first 3,000 users) from .001, .003, .01: .003, an interior
+  # maximum (docs/RESULTS.md); launch.compare chooses it per row (--taus).
+  c.generation.apf_tau = 0.003
+  return base.apply_variant(c, arg)

@@ -11,4 +11,4 @@ def get_config(arg=None):
   c = base.base_config()
   c.dataset.name = "demo"
   base.make_tiny(c)
-  return c
+  return base.apply_variant(c, arg)

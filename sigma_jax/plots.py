@@ -6,8 +6,9 @@
                        and how many items share each prefix bucket
   apf_tradeoff.png     APF's accuracy–diversity trade-off: HR@10 against category coverage@10
                        on the validation split for several τ, one curve per task
-  apf_tradeoff.json    the numbers of that sweep; reused while its settings and the SFT step
-                       are unchanged (the sweep runs the generator once per τ and task)
+  apf_tradeoff.json    the numbers of that figure; the sweep itself is
+                       ``sigma_jax.eval.tau.sweep``, cached in ``WORKDIR/tau_sweep.json`` (each τ
+                       runs the generator once per task; cached τ values are not run again)
 
 The sweep uses validation only, so choosing τ from it does not touch the test split.
 """
@@ -24,6 +25,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sigma_jax import utils  # noqa: E402
+from sigma_jax.eval import tau as tau_lib  # noqa: E402
+
 # APF temperatures swept by default: from sharp (accuracy) to flat (diversity) item
 # distributions around the default 0.01.
 DEFAULT_TAUS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
@@ -34,20 +38,6 @@ _SKIP_SUFFIX = ("_s", "time_s", "per_s")
 
 def plots_dir(workdir: str) -> str:
   return os.path.join(workdir, "plots")
-
-
-def read_jsonl(path: str) -> list:
-  """The JSON objects of a JSON-lines file (a torn last line from a killed run is dropped)."""
-  out = []
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if line:
-        try:
-          out.append(json.loads(line))
-        except json.JSONDecodeError:
-          continue
-  return out
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -84,7 +74,7 @@ def training_curves(workdir: str, out_dir: str | None = None, max_panels: int = 
     path = os.path.join(workdir, stage, "metrics.jsonl")
     if not os.path.isfile(path):
       continue
-    raw = read_jsonl(path)
+    raw = utils.read_jsonl(path)  # a torn last line from a killed run is dropped
     records = [_flatten(r) for r in raw]
     keys = _curve_keys(records)[:max_panels]
     if not keys:
@@ -164,55 +154,29 @@ def apf_sweep(cfg, workdir: str, taus=DEFAULT_TAUS, limit: int | None = 64, task
     limit: examples per task (the first ones); None: all.
     tasks: task names (default: every available task).
     generator: a loaded (dataset, Generator, step) to reuse; loaded from ``workdir`` if None.
-    force: recompute even when ``plots/apf_tradeoff.json`` holds this sweep.
+    force: evaluate every τ again, even those ``WORKDIR/tau_sweep.json`` holds.
 
-  Returns:
-    {"taus": [...], "limit": ..., "sft_step": ..., "tasks": {task: {"hr@10": [per τ],
+  Returns (also written to ``plots/apf_tradeoff.json``):
+    {"settings": ..., "taus": [...], "sft_step": ..., "tasks": {task: {"hr@10": [per τ],
      "category_coverage@10": [per τ], "num_examples": M}}}.
   """
-  from sigma_jax.data import tasks as tasks_lib
-  from sigma_jax.eval import metrics as M
-  from sigma_jax.eval import stage as eval_stage
-
-  cache = os.path.join(plots_dir(workdir), "apf_tradeoff.json")
-  settings = {"taus": [float(t) for t in taus], "limit": limit,
-              "tasks": None if tasks is None else list(tasks),
-              "mode": str(cfg.generation.mode), "num_beams": int(cfg.generation.num_beams),
-              "top_m": int(cfg.generation.top_m)}
-  step = _sft_step(workdir)
-  if not force and os.path.isfile(cache):
-    with open(cache) as f:
-      old = json.load(f)
-    if old.get("settings") == settings and old.get("sft_step") == step:
-      return old
-  ds, gen, step = generator or eval_stage.load_generator(cfg, workdir)
-  _, membership = tasks_lib.item_categories(ds)
-  built = tasks_lib.build_tasks(ds, cfg.tasks, "validation", tasks=tasks)
-  out = {"settings": settings, "taus": settings["taus"], "sft_step": int(step), "tasks": {}}
-  batch = int(cfg.generation.eval_batch)
-  for name, ex in built.items():
-    if not len(ex.target):
+  res = tau_lib.sweep(cfg, workdir, taus, limit=limit, tasks=tasks, generator=generator,
+                      force=force)
+  keys = [tau_lib.key(t) for t in taus]
+  names = sorted({name for k in keys for name in res["metrics"][k]})
+  out = {"settings": res["settings"], "taus": res["taus"],
+         "sft_step": res["settings"]["sft_step"], "tasks": {}}
+  for name in names:
+    per_tau = [res["metrics"][k].get(name) for k in keys]
+    if any(m is None for m in per_tau):
       continue
-    row = {"hr@10": [], "category_coverage@10": [], "num_examples": 0}
-    for tau in settings["taus"]:
-      ranked = eval_stage.rank_examples(gen, ex, batch, tau=tau, limit=limit)
-      target = ex.target[:len(ranked)]
-      row["hr@10"].append(M.ranking_metrics(ranked, target, (10,), ds.num_items)["hr@10"])
-      row["category_coverage@10"].append(
-          M.category_coverage(ranked[:, :10], membership, membership.shape[1]))
-      row["num_examples"] = int(len(ranked))
-    out["tasks"][name] = row
+    out["tasks"][name] = {"hr@10": [m["hr@10"] for m in per_tau],
+                          "category_coverage@10": [m["category_coverage@10"] for m in per_tau],
+                          "num_examples": int(per_tau[-1]["num_examples"])}
   os.makedirs(plots_dir(workdir), exist_ok=True)
-  with open(cache, "w") as f:
+  with open(os.path.join(plots_dir(workdir), "apf_tradeoff.json"), "w") as f:
     json.dump(out, f, indent=1)
   return out
-
-
-def _sft_step(workdir: str) -> int | None:
-  """The newest SFT checkpoint step (names the model a cached sweep was computed with)."""
-  ckpt = os.path.join(workdir, "sft", "ckpt")
-  steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
-  return max(steps) if steps else None
 
 
 def apf_tradeoff(sweep: dict, out_path: str) -> str:
@@ -262,7 +226,7 @@ def make_all(cfg, workdir: str, taus=DEFAULT_TAUS, limit: int | None = 64,
   p = codebook_usage(workdir)
   if p:
     out["codebook_usage"] = p
-  if sweep and _sft_step(workdir) is not None:
+  if sweep and tau_lib.sft_step(workdir) is not None:
     result = apf_sweep(cfg, workdir, taus, limit, generator=generator)
     out["apf_tradeoff"] = apf_tradeoff(result, os.path.join(plots_dir(workdir),
                                                             "apf_tradeoff.png"))

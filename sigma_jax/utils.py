@@ -70,6 +70,8 @@ def read_jsonl(path: str) -> list:
     return out
   with open(path) as f:
     for line in f:
+      if not line.strip():
+        continue
       try:
         out.append(json.loads(line))
       except json.JSONDecodeError:

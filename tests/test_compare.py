@@ -1,5 +1,10 @@
-"""launch.compare's tables: the numbers in the Markdown are the JSON's, per task and averaged."""
-from launch import compare
+"""The comparison (sigma_jax/eval/compare.py, CLI launch/compare.py): the numbers in the Markdown
+are the JSON's, per task and averaged; τ is chosen through the one cached sweep; each row's config
+is its config variant (configs/base.py)."""
+import pytest
+
+from sigma_jax import utils
+from sigma_jax.eval import compare
 
 
 def _m(hr10, ndcg10, n, **extra):
@@ -35,7 +40,7 @@ def _table(md: str, title: str) -> list:
 
 
 def test_per_task_tables_and_mean():
-  md = compare._markdown("demo", _rows(), per_task=True)
+  md = compare.markdown("demo", _rows(), per_task=True)
   summary = {r[0]: r[1:] for r in _table(md, "Mean over the 2 tasks")}
   # collab has no instruction tasks, so it has no mean; the others average the two tasks.
   assert set(summary) == {"sigma", "gr_id"}
@@ -54,7 +59,7 @@ def test_per_task_tables_and_mean():
 def test_single_task_table():
   rows = {"collab": {"test": {"recall@5": .01, "ndcg@5": .02, "recall@10": .03, "ndcg@10": .04}},
           "sigma": {"test": {"recall@5": .05, "ndcg@5": .06, "recall@10": .07, "ndcg@10": .08}}}
-  md = compare._markdown("beauty", rows, per_task=False)
+  md = compare.markdown("beauty", rows, per_task=False)
   got = {r[0]: r[1:] for r in _table(md, "# beauty")}
   assert got == {"collab": ["0.0100", "0.0200", "0.0300", "0.0400"],
                  "sigma": ["0.0500", "0.0600", "0.0700", "0.0800"]}
@@ -79,7 +84,7 @@ def test_paired_bootstrap_between_rows(tmp_path):
                    "query/test": np.arange(n) % 12})
   save("gr_id", **{"justforyou/test": np.full(n, -1), "query/test": np.arange(n) % 12})
   rows = {"collab": {}, "sigma": {}, "gr_id": {}, "gr_sid": {}}
-  out = compare._paired(str(tmp_path), rows)
+  out = compare.paired(str(tmp_path), rows)
   assert out["missing"] == ["gr_sid"]  # no ranks.npz: listed, not silently dropped
   assert set(out["rows"]) == {"gr_id"} and set(out["rows"]["gr_id"]) == {"justforyou", "query"}
   jfy = out["rows"]["gr_id"]["justforyou"]
@@ -87,7 +92,7 @@ def test_paired_bootstrap_between_rows(tmp_path):
   want = np.where(hit, 1 / np.log2(np.maximum(sigma_jfy, 0) + 2), 0).mean()
   assert np.isclose(jfy["diff"], want) and jfy["ci95_low"] > 0
   assert out["rows"]["gr_id"]["query"]["diff"] == 0.0
-  md = compare._paired_markdown(out)
+  md = compare.paired_markdown(out)
   line = next(x for x in md.splitlines() if x.startswith("| gr_id"))
   assert f"+{want:.4f}*" in line  # significant: starred
   assert "+0.0000 [+0.0000, +0.0000]" in line  # identical: no star
@@ -99,49 +104,172 @@ def test_selection_table_marks_the_chosen_tau():
             "sigma": {"validation_mean_ndcg@10": {"0.001": .031, "0.003": .029},
                       "chosen_tau": 0.001, "validation_examples_per_task": 3000},
             "sigma_no_apf": {"reuses_sft_of": "sigma"}}
-  lines = compare._selection_markdown(sweeps).splitlines()
+  lines = compare.selection_markdown(sweeps).splitlines()
   assert lines[2:] == ["| sigma | 0.001 (chosen) | 0.0310 | 3000 |",
                        "| sigma | 0.003 | 0.0290 | 3000 |"]
 
 
 def test_tau_sweep_cache_follows_the_grid(tmp_path, monkeypatch):
   """A re-run with a wider grid evaluates only the new τ values and chooses among the grid it
-  was given; a cache made on another number of validation examples is recomputed."""
-  import ml_collections
-  from absl import flags
+  was given; a cache made on another number of validation examples is not reused."""
+  from configs import demo
+  from sigma_jax.eval import evaluate, tau
 
-  from sigma_jax.eval import stage as eval_stage
-
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
   score = {0.001: .02, 0.003: .03, 0.01: .025, 0.03: .04}
-  calls = []
+  calls, loads = [], []
 
-  def fake_evaluate(cfg, ds, gen, splits, task_names, tau, limit, progress):
-    calls.append((tau, limit))
-    return {"justforyou": {"validation": {"ndcg@10": score[tau]}}}
+  def fake_evaluate(cfg, generator, taus, limit, tasks):
+    calls.extend((t, limit) for t in taus)
+    return {tau.key(t): {"justforyou": {"ndcg@10": score[t]},
+                         "query": {"ndcg@10": score[t] / 2}} for t in taus}
 
-  monkeypatch.setattr(eval_stage, "load_generator", lambda cfg, rdir: (None, None, 0))
-  monkeypatch.setattr(eval_stage, "evaluate", fake_evaluate)
-  cfg = ml_collections.ConfigDict({"generation": {"eval_limit": 0, "eval_tasks": ""}})
-  flag = flags.FLAGS["tau_limit"]
-  monkeypatch.setattr(flag, "value", 100)
+  monkeypatch.setattr(evaluate, "load_generator",
+                      lambda cfg, rdir: loads.append(rdir) or (None, None, 0))
+  monkeypatch.setattr(tau, "_evaluate", fake_evaluate)
+  cfg = demo.get_config()
+  cfg.generation.eval_tasks = "justforyou,query"
 
-  first = compare._select_tau(cfg, str(tmp_path), ["0.001", "0.003"])
+  first = compare.select_tau(cfg, str(tmp_path), ["0.001", "0.003"], tau_limit=100)
   assert first["chosen_tau"] == 0.003 and calls == [(0.001, 100), (0.003, 100)]
+  assert first["validation_mean_ndcg@10"] == {"0.001": .015, "0.003": .0225}
+  assert first["validation_examples_per_task"] == 100
   calls.clear()
-  # A narrower grid is answered from the cache and chooses among its own values only.
-  narrow = compare._select_tau(cfg, str(tmp_path), ["0.001"])
-  assert calls == [] and narrow["chosen_tau"] == 0.001
-  assert narrow["validation_mean_ndcg@10"] == {"0.001": .02}
+  loads.clear()
+  # A narrower grid is answered from the cache (no model loaded) and chooses among its own
+  # values only.
+  narrow = compare.select_tau(cfg, str(tmp_path), ["0.001"], tau_limit=100)
+  assert calls == [] and loads == [] and narrow["chosen_tau"] == 0.001
+  assert narrow["validation_mean_ndcg@10"] == {"0.001": .015}
   # A wider grid evaluates only what the cache lacks.
-  wide = compare._select_tau(cfg, str(tmp_path), ["0.001", "0.003", "0.01"])
+  wide = compare.select_tau(cfg, str(tmp_path), ["0.001", "0.003", "0.01"], tau_limit=100)
   assert calls == [(0.01, 100)] and wide["chosen_tau"] == 0.003
-  stored = compare.utils.read_json(str(tmp_path / "tau_sweep.json"))
-  assert set(stored["validation_mean_ndcg@10"]) == {"0.001", "0.003", "0.01"}
+  stored = utils.read_json(str(tmp_path / tau.CACHE))
+  (entry,) = stored["sweeps"]
+  assert set(entry["metrics"]) == {"0.001", "0.003", "0.01"}  # every τ evaluated is kept
   calls.clear()
   # Another validation sample size: nothing is reused.
-  monkeypatch.setattr(flag, "value", 0)
-  again = compare._select_tau(cfg, str(tmp_path), ["0.003", "0.03"])
+  again = compare.select_tau(cfg, str(tmp_path), ["0.003", "0.03"])
   assert calls == [(0.003, None), (0.03, None)] and again["chosen_tau"] == 0.03
   assert again["validation_examples_per_task"] == "all"
+  # The other decoding settings key the cache as well: more beams are another sweep.
+  calls.clear()
+  cfg.generation.num_beams = 32
+  compare.select_tau(cfg, str(tmp_path), ["0.003"])
+  assert calls == [(0.003, None)]
+  assert len(utils.read_json(str(tmp_path / tau.CACHE))["sweeps"]) == 3
+
+
+def test_plots_and_diagnostics_read_the_same_sweep(tmp_path, monkeypatch):
+  """plots.apf_sweep and diagnostics.decoding are views of tau.sweep: with its cache filled
+  they evaluate nothing."""
+  from configs import demo
+  from sigma_jax import plots
+  from sigma_jax.eval import diagnostics, tau
+
+  metrics = {"hr@10": .5, "ndcg@10": .25, "category_coverage@10": .75, "num_examples": 7}
+  calls = []
+
+  def fake_evaluate(cfg, generator, taus, limit, tasks):
+    calls.extend(taus)
+    return {tau.key(t): {"justforyou": dict(metrics), "longtail": dict(metrics)} for t in taus}
+
+  monkeypatch.setattr(tau, "_evaluate", fake_evaluate)
+  cfg = demo.get_config()
+  sw = plots.apf_sweep(cfg, str(tmp_path), (0.01, 0.1), limit=64, generator=(None, None, 0))
+  assert calls == [0.01, 0.1] and sw["taus"] == [0.01, 0.1]
+  assert sw["tasks"]["longtail"] == {"hr@10": [.5, .5], "category_coverage@10": [.75, .75],
+                                     "num_examples": 7}
+  assert utils.read_json(str(tmp_path / "plots" / "apf_tradeoff.json"))["tasks"] == sw["tasks"]
+  calls.clear()
+  plots.apf_sweep(cfg, str(tmp_path), (0.1,), limit=64)  # cached: no generator needed
+  assert calls == []
+  lines = diagnostics.decoding(cfg, str(tmp_path), [cfg.generation.num_beams],
+                               [cfg.generation.top_m], ["0.1"], 64)
+  assert calls == [] and lines[2] == f"| {cfg.generation.num_beams} | " \
+      f"{cfg.generation.top_m} | 0.1 | 0.2500 | 0.5000 |"
+
+
+def test_rows_are_config_variants():
+  """Each row changes exactly the fields of its variant in configs/base.py, and compare builds
+  a row's config from that variant alone."""
+  from configs import base, beauty, demo, movielens, scientific
+
+  def flat(c):
+    out = {}
+    for k, v in c.items():
+      if hasattr(v, "items"):
+        out.update({f"{k}.{kk}": vv for kk, vv in flat(v).items()})
+      else:
+        out[k] = v
+    return out
+
+  want = {"sigma": {},
+          "gr_sid": {"generation.mode": "gr_sid", "sft.max_len": 192},
+          "gr_id": {"generation.mode": "gr_id"},
+          "sigma_no_grounding": {"tokenizer.source": "raw"},
+          "sigma_no_apf": {"generation.fuse": False}}
+  assert base.ROW_VARIANTS == want
+  assert set(compare.MODEL_ROWS) == set(want)
+  for module in (beauty, scientific, movielens, demo):
+    ref = flat(module.get_config())
+    for row, changes in want.items():
+      got = flat(module.get_config(row))
+      diff = {k: got[k] for k in got if got[k] != ref[k]}
+      assert diff == changes, (module.__name__, row)
+      # compare's row config: the variant applied to the given config, nothing else.
+      viaconf = flat(compare.row_config(module.get_config(), row, base.apply_variant))
+      assert viaconf == got, (module.__name__, row)
+  c = beauty.get_config("gr_sid")
+  assert c.generation.mode == "gr_sid" and c.sft.max_len == 192
+  # Variants combine, comma-separated, in order.
+  c = beauty.get_config("tiny,gr_sid")
+  assert c.model.size == "tiny" and c.generation.mode == "gr_sid"
+  assert flat(beauty.get_config("tiny")) == flat(base.make_tiny(beauty.get_config()))
+  assert flat(demo.get_config("tiny")) == flat(demo.get_config())
+  assert flat(beauty.get_config("")) == flat(beauty.get_config())
+  with pytest.raises(ValueError, match="unknown config variant.*'gr_sdi'.*gr_sid"):
+    beauty.get_config("tiny,gr_sdi")
+  with pytest.raises(ValueError, match="unknown row 'collab'"):
+    compare.row_config(beauty.get_config(), "collab", base.apply_variant)
+
+
+def test_apf_tau_matches_the_documented_choice():
+  """The configs carry the τ their docstrings and docs/RESULTS.md report as chosen."""
+  from configs import beauty, movielens, scientific
+
+  for module in (beauty, scientific, movielens):
+    assert module.get_config().generation.apf_tau == 0.003, module.__name__
+
+
+def test_launch_compare_rows_come_from_the_configs(tmp_path, monkeypatch):
+  """launch.compare hands the library configs/base.py's variants and its flags, and writes
+  <dataset>.json and .md under --out."""
+  from absl import flags
+
+  from configs import base, demo
+  from launch import compare as cli
+
+  seen = {}
+
+  def fake_run(cfg, workdir, rows, taus, *, configure, tau_limit, select_only, command):
+    seen.update(workdir=workdir, rows=rows, taus=taus, configure=configure,
+                tau_limit=tau_limit, select_only=select_only, command=command)
+    m = {"hr@1": .1, "hr@5": .2, "hr@10": .3, "hr@20": .4, "ndcg@10": .25}
+    return {"rows": {"sigma": {split: {"justforyou": m} for split in ("validation", "test")}},
+            "paired_vs_sigma": {"rows": {}, "missing": []}}
+
+  monkeypatch.setattr(cli.compare, "run", fake_run)
+  argv = ["compare", "--config=configs/demo.py", f"--workdir={tmp_path}/w", "--rows=sigma",
+          "--taus=0.01", "--tau_limit=5", f"--out={tmp_path}/out"]
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(argv)
+  try:
+    cli.main([argv[0]])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert seen["configure"] is base.apply_variant
+  assert seen["rows"] == ["sigma"] and seen["taus"] == ["0.01"] and seen["tau_limit"] == 5
+  assert seen["command"].startswith("python -m launch.compare ")
+  assert utils.read_json(str(tmp_path / "out" / "demo.json"))["rows"]["sigma"]
+  assert "| sigma |" in (tmp_path / "out" / "demo.md").read_text()
+  assert demo.get_config().dataset.name == "demo"

@@ -51,3 +51,17 @@ def test_plots(demo_workdir, tmp_path_factory):
   for row in sweep["tasks"].values():
     assert len(row["hr@10"]) == len(row["category_coverage@10"]) == 4
     assert all(0.0 <= v <= 1.0 for v in row["hr@10"] + row["category_coverage@10"])
+
+
+def test_training_curves_drop_a_torn_last_line(tmp_path):
+  """plots reads metrics logs with utils.read_jsonl: blank lines are skipped, and a line torn by
+  a kill (always the last: a resumed stage rewrites its log first) ends the records."""
+  from sigma_jax import plots, utils
+
+  log = tmp_path / "sft" / "metrics.jsonl"
+  os.makedirs(log.parent)
+  log.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n'
+                 '{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+  assert [r["step"] for r in utils.read_jsonl(str(log))] == [1, 2, 3]
+  (path,) = plots.training_curves(str(tmp_path))
+  assert os.path.basename(path) == "curves_sft.png" and os.path.getsize(path) > 1000

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from sigma_jax.data import loader
-from sigma_jax.eval import stage as eval_stage
+from sigma_jax.eval import tau as tau_lib
 from sigma_jax.train import collab, sft
 
 
@@ -45,18 +45,21 @@ def collab_cosine(cfg, workdir: str, splits) -> list:
 
 
 def decoding(cfg, workdir: str, beams, top_ms, taus, limit: int | None) -> list:
-  """Validation mean NDCG@10 and R@10 of a trained SIGMA model at each (K, M, τ)."""
+  """Validation mean NDCG@10 and R@10 of a trained SIGMA model at each (K, M, τ).
+
+  Each (K, M) is one ``tau.sweep`` (cached in WORKDIR/tau_sweep.json, so the comparison's own
+  sweep at the same settings is reused).
+  """
   names = sft.task_list(cfg.generation.eval_tasks)
   lines = ["| K | M | τ | validation mean NDCG@10 | R@10 |", "|---|---|---|---|---|"]
   for k in beams:
     for m in top_ms:
       c = cfg.copy_and_resolve_references()
       c.generation.num_beams, c.generation.top_m = int(k), int(m)
-      ds, gen, _ = eval_stage.load_generator(c, workdir)
+      res = tau_lib.sweep(c, workdir, taus, limit=limit or None, tasks=names)
       for tau in taus:
-        res = eval_stage.evaluate(c, ds, gen, splits=("validation",), task_names=names,
-                                  tau=float(tau), limit=limit or None, progress=False)
-        ndcg = np.mean([r["validation"]["ndcg@10"] for r in res.values()])
-        hr = np.mean([r["validation"]["hr@10"] for r in res.values()])
+        by_task = res["metrics"][tau_lib.key(tau)]
+        ndcg = np.mean([r["ndcg@10"] for r in by_task.values()])
+        hr = np.mean([r["hr@10"] for r in by_task.values()])
         lines.append(f"| {k} | {m} | {tau} | {ndcg:.4f} | {hr:.4f} |")
   return lines

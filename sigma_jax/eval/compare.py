@@ -1,0 +1,373 @@
+"""One dataset's comparison: every row's model, its τ chosen on validation, its test metrics,
+and the tables (Markdown and JSON) of ``launch/compare.py``.
+
+Rows: ``collab`` (SASRec), ``gr_sid`` (TIGER-style full SID), ``gr_id``, ``sigma``, and the
+ablations ``sigma_no_grounding`` (SIDs from un-grounded TF-IDF text embeddings) and
+``sigma_no_apf`` (sigma's model ranked without APF). A row's config is the comparison's config
+with the row's variant applied (``configure(cfg, row)``; ``launch.compare`` passes
+``configs/base.py``'s ``apply_variant``, where the rows' config changes are defined); this
+module holds what is not config: the stages each row runs itself and whose SFT it reuses.
+
+The shared stages (data, text_tokenizer, collab, ground, tokenize) run once in WORKDIR; each
+row's own stages run in WORKDIR/rows/<row>, which links the shared ones. APF's τ is chosen per
+row on the validation split (``sigma_jax.eval.tau``); test is evaluated once, with the chosen τ.
+Finished stages and rows are skipped, so a comparison resumes where it stopped.
+
+No flags here: everything comes in as arguments.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from typing import Callable
+
+from sigma_jax import utils
+from sigma_jax import workdir as wd
+
+SHARED = ("data", "text_tokenizer", "collab", "ground", "tokenize")
+ROWS = ("collab", "sigma", "gr_sid", "gr_id", "sigma_no_grounding", "sigma_no_apf")  # order
+MODEL_ROWS = {  # row -> (its own stages, the row whose sft it reuses); config: its variant
+    "sigma": (("sft", "eval"), None),
+    "gr_sid": (("sft", "eval"), None),
+    "gr_id": (("sft", "eval"), None),
+    "sigma_no_grounding": (("tokenize", "sft", "eval"), None),
+    "sigma_no_apf": (("eval",), "sigma"),
+}
+DEFAULT_TAUS = ("0.003", "0.01", "0.03", "0.1")
+
+Configure = Callable  # (config, row name) -> the row's config
+
+
+def link(src: str, dst: str):
+  if not os.path.lexists(dst):
+    os.symlink(os.path.abspath(src), dst)
+
+
+def row_dir(workdir: str, row: str) -> str:
+  return os.path.join(workdir, "rows", row)
+
+
+def row_config(cfg, row: str, configure: Configure):
+  """The row's config: a resolved copy of ``cfg`` with the row's variant applied."""
+  if row not in MODEL_ROWS:
+    raise ValueError(f"unknown row {row!r}; choose from {', '.join(MODEL_ROWS)}")
+  return configure(cfg.copy_and_resolve_references(), row)
+
+
+def select_tau(cfg, rdir: str, taus, tau_limit: int = 0) -> dict:
+  """Validation-only sweep of APF's τ; the chosen τ is the one with the best mean NDCG@10.
+
+  The sweep is ``tau.sweep``'s, cached in ``rdir/tau_sweep.json``: a re-run with another grid
+  evaluates only the τ values the cache lacks and chooses among the requested grid alone; a
+  cache made on a different number of validation examples is not reused.
+
+  Args:
+    cfg: the row's config.
+    rdir: the row's work directory.
+    taus: the τ grid.
+    tau_limit: validation examples per task (0: ``generation.eval_limit``, where 0 is all).
+  """
+  from sigma_jax.eval import tau as tau_lib
+  from sigma_jax.train import sft
+
+  limit = int(tau_limit or cfg.generation.eval_limit) or None
+  res = tau_lib.sweep(cfg, rdir, taus, limit=limit,
+                      tasks=sft.task_list(cfg.generation.eval_tasks))
+  means = tau_lib.mean_over_tasks(res, "ndcg@10")
+  best = max(means, key=means.get)
+  return {"validation_mean_ndcg@10": means, "chosen_tau": float(best),
+          "validation_examples_per_task": res["settings"]["examples_per_task"],
+          "wall_time_s": round(res["wall_time_s"], 1)}
+
+
+def run_row(cfg, workdir: str, row: str, taus, configure: Configure, tau_limit: int = 0,
+            select_only: bool = False) -> dict:
+  """Trains (or finds) one generative row, chooses its τ and evaluates it.
+
+  Returns {"metrics": the row's eval/metrics.json (None with ``select_only``), "tau": its τ
+  sweep (``select_tau``), {"reuses_sft_of": row} for an un-fused row, or None}.
+  """
+  from sigma_jax import pipeline
+
+  own, reuse = MODEL_ROWS[row]
+  rdir = row_dir(workdir, row)
+  os.makedirs(rdir, exist_ok=True)
+  for st in SHARED + ("tfds",):
+    if st not in own and os.path.exists(wd.stage_dir(workdir, st)):
+      link(wd.stage_dir(workdir, st), wd.stage_dir(rdir, st))
+  if reuse:
+    link(wd.stage_dir(row_dir(workdir, reuse), "sft"), wd.stage_dir(rdir, "sft"))
+  rcfg = row_config(cfg, row, configure)
+  sweep = None
+  if "sft" in own:
+    rcfg.stages = ",".join(s for s in own if s != "eval")
+    pipeline.run(rcfg, rdir, strict=True)
+  if rcfg.generation.mode == "sigma" and rcfg.generation.fuse:
+    sweep = select_tau(rcfg, rdir, taus, tau_limit)
+    rcfg.generation.apf_tau = sweep["chosen_tau"]
+  elif reuse:  # the un-fused ranking has no τ; record which model it ranks
+    sweep = {"reuses_sft_of": reuse}
+  if select_only:
+    return {"metrics": None, "tau": sweep}
+  rcfg.stages = "eval"
+  pipeline.run(rcfg, rdir, strict=True)
+  metrics = utils.read_json(wd.path(rdir, wd.EVAL_METRICS))
+  return {"metrics": metrics, "tau": sweep}
+
+
+def stage_seconds(workdir: str, stages) -> float:
+  """Compute time of finished stages, from their DONE.json (stable across resumed runs)."""
+  total = 0.0
+  for st in stages:
+    path = wd.done_marker(workdir, st)
+    if os.path.exists(path):
+      total += float(utils.read_json(path).get("wall_time_s", 0.0))
+  return total
+
+
+def collab_row(cfg, workdir: str) -> dict:
+  """SASRec's row: its collab stage's validation and test metrics, ranked as ``cfg`` ranks."""
+  r = utils.read_json(wd.path(workdir, wd.COLLAB_RESULT))
+  if bool(r.get("exclude_history", False)) != bool(cfg.dataset.exclude_history):
+    # Trained under the other ranking protocol: the same parameters, ranked as configured now.
+    from sigma_jax.data import loader
+    from sigma_jax.train import collab
+    r = collab.rescore(cfg, loader.load_dataset(cfg, workdir).splits, workdir)
+  row = {"validation": r["validation"], "test": r["test"], "best_epoch": r["best_epoch"]}
+  if "epoch_selected_with_exclude_history" in r:
+    row["epoch_selected_with_exclude_history"] = r["epoch_selected_with_exclude_history"]
+  return row
+
+
+def model_row(res: dict, per_task: bool) -> dict:
+  """A generative row of the results table from ``run_row``'s result."""
+  tasks = res["metrics"]["tasks"]
+  if per_task:
+    out = {split: {t: tasks[t][split] for t in tasks} for split in ("validation", "test")}
+  else:  # Beauty / Scientific: the sequential task (TIGER's protocol) is JustForYou
+    out = {split: tasks["justforyou"][split] for split in ("validation", "test")}
+  out["apf"] = res["tau"]
+  return out
+
+
+def is_per_task(cfg) -> bool:
+  """Whether the tables report every task (MovieLens, demo) or JustForYou alone."""
+  return bool(cfg.dataset.name in ("movielens", "demo"))
+
+
+def run(cfg, workdir: str, rows=ROWS, taus=DEFAULT_TAUS, *, configure: Configure,
+        tau_limit: int = 0, select_only: bool = False, command: str = "") -> dict:
+  """Runs the comparison: the shared stages, then each requested row, in ``ROWS`` order.
+
+  Args:
+    cfg: the dataset's config (command-line overrides included).
+    workdir: the comparison's work directory.
+    rows: the rows to run (names not in ``ROWS`` are ignored).
+    taus: APF temperatures tried on validation.
+    configure: ``(config, row) -> the row's config`` (applies the row's config variant).
+    tau_limit: validation examples per task for choosing τ (0: all); test uses every example.
+    select_only: train each row and run its τ sweep only; evaluate nothing on test.
+    command: the command line, recorded in the result.
+
+  Returns:
+    ``select_only``: {row: its τ sweep} (see ``selection_markdown``). Otherwise the result
+    written to <dataset>.json (see ``result``).
+  """
+  from sigma_jax import pipeline
+
+  shared = cfg.copy_and_resolve_references()
+  shared.stages = ",".join(SHARED)
+  pipeline.run(shared, workdir, strict=True)
+  per_task = is_per_task(cfg)
+  out, timing = {}, {s: stage_seconds(workdir, [s]) for s in SHARED}
+  for row in [r for r in ROWS if r in rows]:
+    if row == "collab":
+      if not select_only:  # its row is test metrics (and may re-score on test)
+        out[row] = collab_row(cfg, workdir)
+      continue
+    res = run_row(cfg, workdir, row, taus, configure, tau_limit, select_only)
+    if select_only:
+      out[row] = res["tau"]
+      continue
+    out[row] = model_row(res, per_task)
+    timing[row] = round(stage_seconds(row_dir(workdir, row), MODEL_ROWS[row][0]) +
+                        float((res["tau"] or {}).get("wall_time_s", 0.0)), 1)
+  if select_only:
+    return out
+  return result(cfg, workdir, out, timing, command)
+
+
+def result(cfg, workdir: str, rows: dict, timing: dict, command: str) -> dict:
+  """The comparison's JSON: its rows, protocol, wall times, machine, command and the paired
+  bootstrap against sigma."""
+  per_task = is_per_task(cfg)
+  g = cfg.generation
+  out = {
+      "rows": rows,
+      "protocol": {
+          "split": "leave-one-out (TIGER): last item test, second-last validation, history "
+                   f"truncated to the last {cfg.dataset.max_history} items",
+          "ranking": "full catalogue; no sampled negatives; "
+                     + ("items of the user's own history never recommended "
+                        "(dataset.exclude_history; the share of interactions that repeat an "
+                        "earlier item is data/stats.json's repeat_share)"
+                        if cfg.dataset.exclude_history else "history items ranked like any other"),
+          "task": "per task (all seven where the data allows)" if per_task else
+                  "JustForYou (next item), one example per user",
+          "num_beams": int(g.num_beams), "top_m": int(g.top_m), "top_n": int(g.top_n),
+          "invalid_or_duplicate_items": "impossible by construction (trie-constrained decoding, "
+                                        "one bucket per item); measured as invalid_share",
+          "selection": "collab: epoch by validation NDCG@10; sigma rows: APF τ by validation "
+                       "mean NDCG@10; test evaluated once",
+          "sft": {"epochs": float(cfg.sft.epochs), "tasks": cfg.sft.tasks or "all available",
+                  "id_negatives": str(cfg.sft.id_negatives),
+                  "backbone": cfg.model.size},
+      },
+      "wall_time_s": round(sum(timing.values()), 1),
+      "wall_time_s_by_part": timing,
+      "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+      "command": command,
+  }
+  out["paired_vs_sigma"] = paired(workdir, rows)
+  return out
+
+
+def report(cfg, result_: dict) -> str:
+  """The Markdown of a ``run`` result: the metric tables, then the paired bootstrap."""
+  return (markdown(cfg.dataset.name, result_["rows"], is_per_task(cfg)) + "\n" +
+          paired_markdown(result_["paired_vs_sigma"]))
+
+
+def write(cfg, result_: dict, out_dir: str) -> str:
+  """Writes OUT_DIR/<dataset>.json and .md; returns the Markdown."""
+  name = cfg.dataset.name
+  md = report(cfg, result_)
+  os.makedirs(out_dir, exist_ok=True)
+  utils.write_json(os.path.join(out_dir, f"{name}.json"), result_)
+  utils.write_bytes(os.path.join(out_dir, f"{name}.md"), md.encode())
+  return md
+
+
+def paired(workdir: str, rows, reference: str = "sigma", k: int = 10) -> dict:
+  """Paired bootstrap of test NDCG@k, reference row minus each other generative row, per task.
+
+  Uses each row's WORKDIR/rows/<row>/eval/ranks.npz (per-example target ranks). Rows evaluated
+  before ranks were saved are listed under "missing"; re-running their eval stage adds them.
+  """
+  import numpy as np
+  from sigma_jax.eval import metrics as M
+
+  def load(row):
+    path = wd.path(row_dir(workdir, row), wd.EVAL_RANKS)
+    return dict(np.load(path)) if os.path.exists(path) else None
+
+  out = {"reference": reference, "metric": f"ndcg@{k}", "split": "test", "resamples": 2000,
+         "interval": "95% percentile bootstrap over examples, paired", "rows": {}, "missing": []}
+  ref = load(reference) if reference in rows else None
+  if ref is None:
+    out["missing"].append(reference)
+    return out
+  for row in rows:
+    if row in (reference, "collab"):
+      continue
+    other = load(row)
+    if other is None:
+      out["missing"].append(row)
+      continue
+    for key in sorted(ref):
+      task, split = key.split("/")
+      if split == "test" and key in other and len(ref[key]) == len(other[key]):
+        out["rows"].setdefault(row, {})[task] = M.paired_bootstrap(
+            M.ndcg_per_example(ref[key], k), M.ndcg_per_example(other[key], k))
+  return out
+
+
+def paired_markdown(paired: dict) -> str:
+  if not paired.get("rows"):
+    return ""
+  tasks = sorted({t for r in paired["rows"].values() for t in r})
+  lines = [f"## {paired['reference']} minus each row: test {paired['metric'].upper()}, "
+           f"{paired['interval']} ({paired['resamples']} resamples; * the interval excludes 0)",
+           "", "| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+  for row, r in paired["rows"].items():
+    cells = []
+    for t in tasks:
+      c = r.get(t)
+      if c is None:
+        cells.append("—")
+        continue
+      star = "*" if c["ci95_low"] > 0 or c["ci95_high"] < 0 else ""
+      cells.append(f"{c['diff']:+.4f}{star} [{c['ci95_low']:+.4f}, {c['ci95_high']:+.4f}]")
+    lines.append(f"| {row} | " + " | ".join(cells) + " |")
+  if paired["missing"]:
+    lines += ["", f"No per-example ranks for: {', '.join(paired['missing'])} (evaluated before "
+                  "eval/ranks.npz existed; delete the row's eval/ and re-run to add it)."]
+  return "\n".join(lines) + "\n"
+
+
+def _task_metrics(r: dict, split: str, task: str):
+  """One row's metrics for one task, or None. SASRec (`collab`) is a next-item model: its flat
+  metrics are its JustForYou metrics."""
+  m = r.get(split)
+  if not isinstance(m, dict):
+    return None
+  if isinstance(m.get(task), dict):
+    return m[task]
+  if task == "justforyou" and "hr@10" in m:
+    return m
+  return None
+
+
+def markdown(name: str, rows: dict, per_task: bool) -> str:
+  lines = [f"# {name}: test metrics (selected on validation)", ""]
+  if not per_task:
+    keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+    lines += ["| row | " + " | ".join(k.upper().replace("RECALL", "R").replace("NDCG", "N")
+                                      for k in keys) + " |",
+              "|---|" + "---|" * len(keys)]
+    for row, r in rows.items():
+      lines.append(f"| {row} | " + " | ".join(f"{r['test'][k]:.4f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+  keys = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@10")
+  extra = ("constraint_satisfaction@10", "category_coverage@10", "intra_list_diversity@10",
+           "long_tail_share@10")
+  tasks = sorted({t for r in rows.values() if isinstance(r.get("test"), dict)
+                  for t in r["test"] if isinstance(r["test"][t], dict)})
+  # Summary: the mean over tasks of each row that has every task (SASRec has only JustForYou).
+  full = {row: r for row, r in rows.items()
+          if tasks and all(_task_metrics(r, "test", t) for t in tasks)}
+  if full:
+    lines += [f"Mean over the {len(tasks)} tasks (each task weighted equally):", "",
+              "| row | mean HR@10 | mean NDCG@10 | validation mean NDCG@10 |", "|---|---|---|---|"]
+    for row, r in full.items():
+      mean = lambda split, k: sum(_task_metrics(r, split, t)[k] for t in tasks) / len(tasks)
+      lines.append(f"| {row} | {mean('test', 'hr@10'):.4f} | {mean('test', 'ndcg@10'):.4f} | "
+                   f"{mean('validation', 'ndcg@10'):.4f} |")
+    lines.append("")
+  for task in tasks:
+    present = [k for k in extra if any(k in (_task_metrics(r, "test", task) or {})
+                                       for r in rows.values())]
+    cols = keys + tuple(present)
+    n = next((m["num_examples"] for r in rows.values()
+              for m in [_task_metrics(r, "test", task)] if m and "num_examples" in m), None)
+    lines += [f"## {task}" + (f" ({n} test examples)" if n else ""), "",
+              "| row | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for row, r in rows.items():
+      m = _task_metrics(r, "test", task)
+      if m:
+        lines.append(f"| {row} | " + " | ".join(
+            f"{m[k]:.4f}" if k in m else "—" for k in cols) + " |")
+    lines.append("")
+  return "\n".join(lines) + "\n"
+
+
+def selection_markdown(sweeps: dict) -> str:
+  """The validation τ sweeps of a ``select_only`` run: one line per row and τ."""
+  lines = ["| row | τ | validation mean NDCG@10 | examples per task |", "|---|---|---|---|"]
+  for row, sw in sweeps.items():
+    if not sw or "validation_mean_ndcg@10" not in sw:
+      continue
+    for tau, v in sw["validation_mean_ndcg@10"].items():
+      star = " (chosen)" if float(tau) == sw["chosen_tau"] else ""
+      lines.append(f"| {row} | {tau}{star} | {v:.4f} | {sw['validation_examples_per_task']} |")
+  return "\n".join(lines) + "\n"
