@@ -9,6 +9,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 assert "jax" not in sys.modules or os.environ["XLA_FLAGS"], "JAX imported before conftest"
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The public datasets: $SIGMA_DATA_DIR, by default shared/data beside the checkout (as in CI).
+# Set here, before any test starts a subprocess, so every pipeline run reads the same files.
+os.environ.setdefault("SIGMA_DATA_DIR", os.path.join(os.path.dirname(_ROOT), "shared", "data"))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
@@ -28,10 +31,10 @@ def data_root():
   """The directory holding the original public datasets (../shared/data in CI)."""
   root = os.environ.get("SIGMA_DATA_DIR")
   if not root:
-    raise RuntimeError("SIGMA_DATA_DIR is not set; point it at the shared data directory "
-                       "(e.g. export SIGMA_DATA_DIR=$PWD/../shared/data).")
+    raise RuntimeError("SIGMA_DATA_DIR is empty; point it at the shared data directory.")
   if not os.path.isdir(root):
-    raise RuntimeError(f"SIGMA_DATA_DIR={root} is not a directory")
+    raise RuntimeError(f"SIGMA_DATA_DIR={root} is not a directory (the public datasets: "
+                       "amazon2014/Beauty, amazon2018/Scientific, ml-latest-small)")
   return root
 
 
