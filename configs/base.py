@@ -154,8 +154,10 @@ def base_config() -> ml_collections.ConfigDict:
   # "dot" (unnormalised, so a key's norm can carry an item's overall likelihood).
   c.sft.similarity = "cosine"
   c.sft.tasks = ""  # comma-separated tasks to train on; empty: every task the data allows
-  c.sft.every_position = True  # JustForYou: one sequence per user, a loss at every history
-  # position in one pass (fast); False: one example per position (slower, better: RESULTS.md)
+  # JustForYou's training layout: "sequence" (one sequence per user, a loss at every history
+  # position in one pass; fast) or "per_position" (one example per history position, each
+  # predicted after the instruction as evaluation does; slower, better: docs/RESULTS.md).
+  c.sft.layout = "sequence"
   c.sft.extra_features = ""  # comma-separated .npy [N, d] matrices for ProjFuse
   # Pack several examples to a row (attention kept inside each): the same loss over fewer rows.
   # It changes how fast a step runs, not what it computes, so it is not part of a run's recipe.

@@ -22,7 +22,7 @@ Numbers this config gave (test, history items excluded; 2 CPU cores; selected on
                                          95% CI [+.0052, +.0078], paired bootstrap)
 TIGER's published .0648 / .0384 is the floor; sigma is above it and above LC-Rec and RPG.
 The previous recipe (one sequence per user with a loss at every position:
---config.sft.every_position=true) gave sigma .0549 / .0287, sigma_no_apf .0492 / .0260; at 3
+--config.sft.layout=sequence) gave sigma .0549 / .0287, sigma_no_apf .0492 / .0260; at 3
 epochs with in-batch negatives also gr_id .0340 / .0186 and sigma_no_grounding .0354 / .0186.
 docs/RESULTS.md has all rows, the protocol and the wall times.
 """
@@ -41,7 +41,7 @@ def get_config(arg=None):
   c.sft.epochs = 5.0
   # One JustForYou example per history position: validation N@10 .0276 on the first 3,000
   # users against .0187 for one sequence per user with a loss at every position (same epochs).
-  c.sft.every_position = False
+  c.sft.layout = "per_position"
   # APF's τ chosen on validation (first 3,000 users) from .001, .003, .01: .003, an interior
   # maximum (docs/RESULTS.md); launch.compare chooses it per row (--taus).
   c.generation.apf_tau = 0.003

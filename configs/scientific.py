@@ -14,7 +14,7 @@ this config gives and the machine they came from.
 The comparison command gives (test, 8,442 users; 2 CPU cores). sigma, sigma_no_apf, gr_id and
 gr_sid train on one example per history position, as this config does; sigma_no_grounding was
 trained with the previous recipe (one sequence per user, a loss at every position:
---config.sft.every_position=true), which also gave sigma .0853 / .0529 (R@10 / N@10) and gr_id
+--config.sft.layout=sequence), which also gave sigma .0853 / .0529 (R@10 / N@10) and gr_id
 .0501 / .0301:
 
   row                 R@5    N@5    R@10   N@10   (validation N@10)
@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.sft.id_negatives = "catalogue"
   c.sft.epochs = 5.0
   # Per position on Scientific too: validation N@10 .0852 against .0600 (first 3,000 users).
-  c.sft.every_position = False
+  c.sft.layout = "per_position"
   # APF's τ chosen on validation (first 3,000 users) from .001, .003, .01 with this recipe:
   # .003, an interior maximum (docs/RESULTS.md); launch.compare chooses it per row (--taus).
   c.generation.apf_tau = 0.003

@@ -361,7 +361,7 @@ def _sft_step(argv: Sequence[str]) -> dict:
   return dict(
       benchmark="sft_step",
       setting=dict(workdir=workdir, dataset=str(cfg.dataset.name), examples=examples,
-                   every_position=bool(cfg.sft.every_position), batch_size=bs,
+                   layout=str(cfg.sft.layout), batch_size=bs,
                    max_len=int(cfg.sft.max_len), steps=len(order), row_multiple=rows_multiple),
       machine=machine_info(),
       unpacked=plain, packed=packed,

@@ -10,15 +10,18 @@ applied (configs/base.py: ROW_VARIANTS; `--config=configs/beauty.py:gr_sid` is t
 config on its own). The shared stages (data, text_tokenizer, collab, ground, tokenize) run once
 in WORKDIR; each row's own stages run in WORKDIR/rows/<row>, which links the shared ones.
 APF's τ is chosen per row on the validation split (`--taus`); test is evaluated once, with the
-chosen τ. Writes docs/results/<dataset>.json and .md (or --out). Resumable like launch.train:
-finished stages and rows are skipped. The work is sigma_jax/eval/compare.py's.
+chosen τ. Writes WORKDIR/results/<dataset>.json and .md (--out=docs/results updates the
+committed tables). Resumable like launch.train: finished stages and rows are skipped. The work
+is sigma_jax/experiment.py's (running rows) and sigma_jax/eval/compare.py's (tables).
 """
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import base
+from sigma_jax import experiment
 from sigma_jax.eval import compare
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -28,7 +31,9 @@ _TAUS = flags.DEFINE_list("taus", list(compare.DEFAULT_TAUS),
                           "APF temperatures tried on validation.")
 _TAU_LIMIT = flags.DEFINE_integer("tau_limit", 0, "Validation examples per task used to choose "
                                   "τ (0: all); test always uses every example.")
-_OUT = flags.DEFINE_string("out", "docs/results", "Directory for <dataset>.json and .md.")
+_OUT = flags.DEFINE_string(
+    "out", "", "Directory for <dataset>.json and .md; default WORKDIR/results, so a run never "
+    "overwrites the committed docs/results unless --out=docs/results says so.")
 _SELECT_ONLY = flags.DEFINE_bool(
     "select_only", False, "Validation only: train each row and run its τ sweep, print the "
     "validation table, and evaluate nothing on test (for choosing hyper-parameters).")
@@ -41,14 +46,14 @@ def main(argv):
   import logging as pylogging
   pylogging.getLogger().setLevel(pylogging.INFO)
   cfg = _CONFIG.value
-  result = compare.run(cfg, _WORKDIR.value, _ROWS.value, _TAUS.value,
+  result = experiment.run(cfg, _WORKDIR.value, _ROWS.value, _TAUS.value,
                        configure=base.apply_variant, tau_limit=_TAU_LIMIT.value,
                        select_only=_SELECT_ONLY.value,
                        command="python -m launch.compare " + " ".join(sys.argv[1:]))
   if _SELECT_ONLY.value:
     print(compare.selection_markdown(result))
     return
-  print(compare.write(cfg, result, _OUT.value))
+  print(compare.write(cfg, result, _OUT.value or os.path.join(_WORKDIR.value, "results")))
 
 
 if __name__ == "__main__":

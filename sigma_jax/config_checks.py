@@ -52,6 +52,8 @@ def validate(cfg, stages, workdir: str | None = None, devices=None) -> None:
   """
   if cfg.generation.mode not in sft.MODES:
     raise ValueError(f"generation.mode must be one of {sft.MODES}, got {cfg.generation.mode!r}")
+  if cfg.sft.layout not in sft.LAYOUTS:
+    raise ValueError(f"sft.layout must be one of {sft.LAYOUTS}, got {cfg.sft.layout!r}")
   if cfg.tokenizer.kind not in TOKENIZER_KINDS:
     raise ValueError(f"tokenizer.kind must be one of {TOKENIZER_KINDS}, got "
                      f"{cfg.tokenizer.kind!r}")

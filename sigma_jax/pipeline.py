@@ -112,6 +112,8 @@ def recipe_changes(cfg, workdir: str, name: str) -> list[str]:
   if not os.path.exists(path):
     return []
   before, now = utils.read_json(path), recipe(cfg, name, workdir)
+  if "sft.every_position" in before:  # renamed: True -> 'sequence', False -> 'per_position'
+    before["sft.layout"] = "sequence" if before.pop("sft.every_position") else "per_position"
   for k, v in _ADDED_DEFAULTS.items():
     if k in now:
       before.setdefault(k, v)

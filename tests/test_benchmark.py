@@ -76,7 +76,7 @@ def test_sft_step_times_both_layouts_on_the_demo_run(demo_workdir):
   proc = subprocess.run([sys.executable, "-m", "launch.benchmark", "sft_step",
                          "--config=configs/demo.py", f"--workdir={demo_workdir}",
                          "--timed_steps=2",
-                         "--config.sft.every_position=false", "--config.sft.batch_size=16",
+                         "--config.sft.layout=per_position", "--config.sft.batch_size=16",
                          # rows of 256 tokens hold at least two of the demo's <= 128-token prompts
                          "--config.sft.max_len=256"],
                         cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)

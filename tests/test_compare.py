@@ -1,8 +1,11 @@
 """The comparison (sigma_jax/eval/compare.py, CLI launch/compare.py): the numbers in the Markdown
 are the JSON's, per task and averaged; τ is chosen through the one cached sweep; each row's config
 is its config variant (configs/base.py)."""
+import os
+
 import pytest
 
+from conftest import ROOT
 from sigma_jax import utils
 from sigma_jax.eval import compare
 
@@ -243,7 +246,8 @@ def test_apf_tau_matches_the_documented_choice():
 
 def test_launch_compare_rows_come_from_the_configs(tmp_path, monkeypatch):
   """launch.compare hands the library configs/base.py's variants and its flags, and writes
-  <dataset>.json and .md under --out."""
+  <dataset>.json and .md under --out; without --out under WORKDIR/results, never over the
+  committed docs/results."""
   from absl import flags
 
   from configs import base, demo
@@ -258,18 +262,27 @@ def test_launch_compare_rows_come_from_the_configs(tmp_path, monkeypatch):
     return {"rows": {"sigma": {split: {"justforyou": m} for split in ("validation", "test")}},
             "paired_vs_sigma": {"rows": {}, "missing": []}}
 
-  monkeypatch.setattr(cli.compare, "run", fake_run)
-  argv = ["compare", "--config=configs/demo.py", f"--workdir={tmp_path}/w", "--rows=sigma",
-          "--taus=0.01", "--tau_limit=5", f"--out={tmp_path}/out"]
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(argv)
-  try:
-    cli.main([argv[0]])
-  finally:
+  monkeypatch.setattr(cli.experiment, "run", fake_run)
+
+  def run_cli(*extra):
+    argv = ["compare", "--config=configs/demo.py", f"--workdir={tmp_path}/w", "--rows=sigma",
+            "--taus=0.01", "--tau_limit=5", *extra]
     flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    try:
+      cli.main([argv[0]])
+    finally:
+      flags.FLAGS.unparse_flags()
+
+  committed = os.path.join(ROOT, "docs", "results", "demo.json")
+  before = os.path.getmtime(committed) if os.path.exists(committed) else None
+  run_cli(f"--out={tmp_path}/out")
   assert seen["configure"] is base.apply_variant
   assert seen["rows"] == ["sigma"] and seen["taus"] == ["0.01"] and seen["tau_limit"] == 5
   assert seen["command"].startswith("python -m launch.compare ")
   assert utils.read_json(str(tmp_path / "out" / "demo.json"))["rows"]["sigma"]
   assert "| sigma |" in (tmp_path / "out" / "demo.md").read_text()
   assert demo.get_config().dataset.name == "demo"
+  run_cli()  # no --out: the work directory's results/, not docs/results
+  assert utils.read_json(str(tmp_path / "w" / "results" / "demo.json"))["rows"]["sigma"]
+  assert (os.path.getmtime(committed) if os.path.exists(committed) else None) == before

@@ -13,11 +13,11 @@ from sigma_jax.models import sigma as sigma_model
 from sigma_jax.train import sft
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["per_position", "every_position"])
+@pytest.fixture(scope="module", params=["per_position", "sequence"])
 def batches(request, demo_workdir):
   """(cfg, assets, unpacked batch, packed batch) of the demo run's first 16 training examples."""
   cfg = demo.get_config()
-  cfg.sft.every_position = request.param
+  cfg.sft.layout = request.param
   assets = sft.load_assets(cfg, demo_workdir)
   ds = loader.load_dataset(cfg, demo_workdir)
   examples, _ = sft.training_examples(cfg, ds, assets)
@@ -59,7 +59,7 @@ def test_pack_keeps_every_example(batches):
 
 def test_packed_loss_and_gradients_equal_unpacked(batches):
   cfg, assets, plain, packed = batches
-  if not cfg.sft.every_position:  # short examples: packing saves rows
+  if cfg.sft.layout == "per_position":  # short examples: packing saves rows
     assert len(packed["tokens"]) < len(plain["tokens"])
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, model=1), devices=jax.devices()[:1])
   graphdef, state, *_ = sft.init_state(cfg, assets, mesh, 10)

@@ -64,6 +64,22 @@ def test_a_recipe_from_before_a_new_key_matches_its_old_behaviour(tmp_path):
   assert pipeline.recipe_changes(cfg, workdir, "sft") == ["sft.similarity: 'cosine' -> 'dot'"]
 
 
+def test_a_recipe_with_a_renamed_key_reads_under_the_new_name(tmp_path):
+  """sft.every_position=True was renamed sft.layout='sequence' (False: 'per_position')."""
+  cfg = base.base_config()
+  workdir = str(tmp_path)
+  old = pipeline.recipe(cfg, "sft", workdir)
+  assert old.pop("sft.layout") == "sequence"
+  old["sft.every_position"] = True
+  os.makedirs(os.path.join(workdir, "sft"))
+  with open(wd.recipe_path(workdir, "sft"), "w") as f:
+    json.dump(old, f)
+  assert pipeline.recipe_changes(cfg, workdir, "sft") == []
+  cfg.sft.layout = "per_position"
+  assert pipeline.recipe_changes(cfg, workdir, "sft") == [
+      "sft.layout: 'sequence' -> 'per_position'"]
+
+
 def test_bad_override_and_unknown_stage_fail_clearly(tmp_path):
   out = _train(str(tmp_path / "w"), "--config.stages=data,fly")
   assert out.returncode != 0

@@ -1,7 +1,7 @@
-"""The two JustForYou training layouts (`sft.every_position`) hold the same targets.
+"""The two JustForYou training layouts (`sft.layout`) hold the same targets.
 
-every_position=True: one sequence per user (its last H+1 training items), a target at every
-history item after the first, in the history region of the prompt. every_position=False: one
+layout 'sequence': one sequence per user (its last H+1 training items), a target at every
+history item after the first, in the history region of the prompt. layout 'per_position': one
 example per training position (capped per user), its target after `<|end|> <|start|>`, where
 evaluation prompts put it.
 """
@@ -24,9 +24,9 @@ def test_every_position_and_per_position_examples(demo_workdir):
   h = int(cfg.dataset.max_history)
   end = assets.tok.special[text.END]
 
-  cfg.sft.every_position = True
+  cfg.sft.layout = "sequence"
   seq_examples, seq_counts = sft.training_examples(cfg, ds, assets)
-  cfg.sft.every_position = False
+  cfg.sft.layout = "per_position"
   pos_examples, pos_counts = sft.training_examples(cfg, ds, assets)
 
   seqs = [np.asarray(s) for s in ds.splits.train_seqs if len(s) >= 2]

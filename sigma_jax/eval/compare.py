@@ -1,5 +1,5 @@
-"""One dataset's comparison: every row's model, its τ chosen on validation, its test metrics,
-and the tables (Markdown and JSON) of ``launch/compare.py``.
+"""One dataset's comparison: the rows, τ selection, paired intervals and the tables (Markdown and
+JSON) of ``launch/compare.py``. ``sigma_jax.experiment`` runs the rows through the pipeline.
 
 Rows: ``collab`` (SASRec), ``gr_sid`` (TIGER-style full SID), ``gr_id``, ``sigma``, and the
 ablations ``sigma_no_grounding`` (SIDs from un-grounded TF-IDF text embeddings) and
@@ -80,41 +80,6 @@ def select_tau(cfg, rdir: str, taus, tau_limit: int = 0) -> dict:
           "wall_time_s": round(res["wall_time_s"], 1)}
 
 
-def run_row(cfg, workdir: str, row: str, taus, configure: Configure, tau_limit: int = 0,
-            select_only: bool = False) -> dict:
-  """Trains (or finds) one generative row, chooses its τ and evaluates it.
-
-  Returns {"metrics": the row's eval/metrics.json (None with ``select_only``), "tau": its τ
-  sweep (``select_tau``), {"reuses_sft_of": row} for an un-fused row, or None}.
-  """
-  from sigma_jax import pipeline
-
-  own, reuse = MODEL_ROWS[row]
-  rdir = row_dir(workdir, row)
-  os.makedirs(rdir, exist_ok=True)
-  for st in SHARED + ("tfds",):
-    if st not in own and os.path.exists(wd.stage_dir(workdir, st)):
-      link(wd.stage_dir(workdir, st), wd.stage_dir(rdir, st))
-  if reuse:
-    link(wd.stage_dir(row_dir(workdir, reuse), "sft"), wd.stage_dir(rdir, "sft"))
-  rcfg = row_config(cfg, row, configure)
-  sweep = None
-  if "sft" in own:
-    rcfg.stages = ",".join(s for s in own if s != "eval")
-    pipeline.run(rcfg, rdir, strict=True)
-  if rcfg.generation.mode == "sigma" and rcfg.generation.fuse:
-    sweep = select_tau(rcfg, rdir, taus, tau_limit)
-    rcfg.generation.apf_tau = sweep["chosen_tau"]
-  elif reuse:  # the un-fused ranking has no τ; record which model it ranks
-    sweep = {"reuses_sft_of": reuse}
-  if select_only:
-    return {"metrics": None, "tau": sweep}
-  rcfg.stages = "eval"
-  pipeline.run(rcfg, rdir, strict=True)
-  metrics = utils.read_json(wd.path(rdir, wd.EVAL_METRICS))
-  return {"metrics": metrics, "tau": sweep}
-
-
 def stage_seconds(workdir: str, stages) -> float:
   """Compute time of finished stages, from their DONE.json (stable across resumed runs)."""
   total = 0.0
@@ -153,48 +118,6 @@ def model_row(res: dict, per_task: bool) -> dict:
 def is_per_task(cfg) -> bool:
   """Whether the tables report every task (MovieLens, demo) or JustForYou alone."""
   return bool(cfg.dataset.name in ("movielens", "demo"))
-
-
-def run(cfg, workdir: str, rows=ROWS, taus=DEFAULT_TAUS, *, configure: Configure,
-        tau_limit: int = 0, select_only: bool = False, command: str = "") -> dict:
-  """Runs the comparison: the shared stages, then each requested row, in ``ROWS`` order.
-
-  Args:
-    cfg: the dataset's config (command-line overrides included).
-    workdir: the comparison's work directory.
-    rows: the rows to run (names not in ``ROWS`` are ignored).
-    taus: APF temperatures tried on validation.
-    configure: ``(config, row) -> the row's config`` (applies the row's config variant).
-    tau_limit: validation examples per task for choosing τ (0: all); test uses every example.
-    select_only: train each row and run its τ sweep only; evaluate nothing on test.
-    command: the command line, recorded in the result.
-
-  Returns:
-    ``select_only``: {row: its τ sweep} (see ``selection_markdown``). Otherwise the result
-    written to <dataset>.json (see ``result``).
-  """
-  from sigma_jax import pipeline
-
-  shared = cfg.copy_and_resolve_references()
-  shared.stages = ",".join(SHARED)
-  pipeline.run(shared, workdir, strict=True)
-  per_task = is_per_task(cfg)
-  out, timing = {}, {s: stage_seconds(workdir, [s]) for s in SHARED}
-  for row in [r for r in ROWS if r in rows]:
-    if row == "collab":
-      if not select_only:  # its row is test metrics (and may re-score on test)
-        out[row] = collab_row(cfg, workdir)
-      continue
-    res = run_row(cfg, workdir, row, taus, configure, tau_limit, select_only)
-    if select_only:
-      out[row] = res["tau"]
-      continue
-    out[row] = model_row(res, per_task)
-    timing[row] = round(stage_seconds(row_dir(workdir, row), MODEL_ROWS[row][0]) +
-                        float((res["tau"] or {}).get("wall_time_s", 0.0)), 1)
-  if select_only:
-    return out
-  return result(cfg, workdir, out, timing, command)
 
 
 def result(cfg, workdir: str, rows: dict, timing: dict, command: str) -> dict:

@@ -5,7 +5,7 @@ serving, evaluation, the benchmark and the multi-host check share.
 jitted step, the batches); ``load_assets`` and ``load_params`` are what inference needs.
 
 Training examples: every task the dataset allows (``data/tasks.py``), training split only.
-JustForYou trains with a loss at every history position in one pass (``sft.every_position``);
+JustForYou trains in the layout ``sft.layout`` names (``LAYOUTS``);
 the other tasks one target per example. Batches are positions of a grain index dataset, so a
 killed run resumes at its checkpointed step with the same batches.
 
@@ -29,6 +29,17 @@ from sigma_jax.models import projfuse, sigma
 from sigma_jax.train import optim, pretrain, tokenize
 
 MODES = ("sigma", "gr_sid", "gr_id")
+# JustForYou training layouts (sft.layout): one sequence per user with a loss at every history
+# position, or one example per history position (predicted where evaluation predicts).
+LAYOUTS = ("sequence", "per_position")
+
+
+def uses_sequence_layout(cfg, mode: str) -> bool:
+  """Whether JustForYou trains one sequence per user (``sft.layout='sequence'``); gr_sid, whose
+  full-SID histories would not fit one sequence, always trains per position."""
+  if cfg.sft.layout not in LAYOUTS:
+    raise ValueError(f"sft.layout must be one of {LAYOUTS}, got {cfg.sft.layout!r}")
+  return cfg.sft.layout == "sequence" and mode != "gr_sid"
 
 
 @dataclasses.dataclass
@@ -108,7 +119,7 @@ class Example:
   history: np.ndarray
   instruction: list
   target: int
-  every_position: bool
+  every_position: bool  # a target at every history item after the first (layout 'sequence')
   task: str
 
 
@@ -116,7 +127,7 @@ def training_examples(cfg, ds: loader.Dataset, assets: Assets) -> tuple[list, di
   """All training examples, in a fixed order, and the per-task counts."""
   built = tasks.build_tasks(ds, cfg.tasks, "train", tasks=task_list(cfg.sft.tasks))
   examples, counts = [], {}
-  every = bool(cfg.sft.every_position) and assets.mode != "gr_sid"
+  every = uses_sequence_layout(cfg, assets.mode)
   h = int(cfg.dataset.max_history)
   for name, ex in built.items():
     if name == "justforyou" and every:
@@ -163,7 +174,7 @@ def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng,
   and its ``rows`` of the per-example arrays.
   """
   h = int(cfg.dataset.max_history)
-  max_q = h + 1 if cfg.sft.every_position else 1
+  max_q = h + 1 if cfg.sft.layout == "sequence" else 1
   num_hard = int(cfg.sft.hard_negatives)
   pack = pack_multiple > 0
   build = slice(None) if pack else rows

@@ -1,0 +1,86 @@
+"""Runs one dataset's comparison through the pipeline: the shared stages once, then each row's
+own stages in ``WORKDIR/rows/<row>`` (linking the shared ones), its τ chosen on validation, and its
+test evaluation. It sits above ``sigma_jax.pipeline`` (it runs pipelines); the rows, the τ
+selection and the tables are ``sigma_jax.eval.compare``'s.
+"""
+from __future__ import annotations
+
+import os
+
+from sigma_jax import pipeline, utils, workdir as wd
+from sigma_jax.eval import compare
+
+
+def run_row(cfg, workdir: str, row: str, taus, configure: compare.Configure, tau_limit: int = 0,
+            select_only: bool = False) -> dict:
+  """Trains (or finds) one generative row, chooses its τ and evaluates it.
+
+  Returns {"metrics": the row's eval/metrics.json (None with ``select_only``), "tau": its τ
+  sweep (``compare.select_tau``), {"reuses_sft_of": row} for an un-fused row, or None}.
+  """
+  own, reuse = compare.MODEL_ROWS[row]
+  rdir = compare.row_dir(workdir, row)
+  os.makedirs(rdir, exist_ok=True)
+  for st in compare.SHARED + ("tfds",):
+    if st not in own and os.path.exists(wd.stage_dir(workdir, st)):
+      compare.link(wd.stage_dir(workdir, st), wd.stage_dir(rdir, st))
+  if reuse:
+    compare.link(wd.stage_dir(compare.row_dir(workdir, reuse), "sft"),
+                 wd.stage_dir(rdir, "sft"))
+  rcfg = compare.row_config(cfg, row, configure)
+  sweep = None
+  if "sft" in own:
+    rcfg.stages = ",".join(s for s in own if s != "eval")
+    pipeline.run(rcfg, rdir, strict=True)
+  if rcfg.generation.mode == "sigma" and rcfg.generation.fuse:
+    sweep = compare.select_tau(rcfg, rdir, taus, tau_limit)
+    rcfg.generation.apf_tau = sweep["chosen_tau"]
+  elif reuse:  # the un-fused ranking has no τ; record which model it ranks
+    sweep = {"reuses_sft_of": reuse}
+  if select_only:
+    return {"metrics": None, "tau": sweep}
+  rcfg.stages = "eval"
+  pipeline.run(rcfg, rdir, strict=True)
+  metrics = utils.read_json(wd.path(rdir, wd.EVAL_METRICS))
+  return {"metrics": metrics, "tau": sweep}
+
+
+def run(cfg, workdir: str, rows=compare.ROWS, taus=compare.DEFAULT_TAUS, *,
+        configure: compare.Configure, tau_limit: int = 0, select_only: bool = False, command: str = "") -> dict:
+  """Runs the comparison: the shared stages, then each requested row in ``compare.ROWS`` order.
+
+  Args:
+    cfg: the dataset's config (command-line overrides included).
+    workdir: the comparison's work directory.
+    rows: the rows to run (names not in ``compare.ROWS`` are ignored).
+    taus: APF temperatures tried on validation.
+    configure: ``(config, row) -> the row's config`` (applies the row's config variant).
+    tau_limit: validation examples per task for choosing τ (0: all); test uses every example.
+    select_only: train each row and run its τ sweep only; evaluate nothing on test.
+    command: the command line, recorded in the result.
+
+  Returns:
+    ``select_only``: {row: its τ sweep} (see ``compare.selection_markdown``). Otherwise the
+    result written to <dataset>.json (see ``compare.result``).
+  """
+  shared = cfg.copy_and_resolve_references()
+  shared.stages = ",".join(compare.SHARED)
+  pipeline.run(shared, workdir, strict=True)
+  per_task = compare.is_per_task(cfg)
+  out, timing = {}, {s: compare.stage_seconds(workdir, [s]) for s in compare.SHARED}
+  for row in [r for r in compare.ROWS if r in rows]:
+    if row == "collab":
+      if not select_only:  # its row is test metrics (and may re-score on test)
+        out[row] = compare.collab_row(cfg, workdir)
+      continue
+    res = run_row(cfg, workdir, row, taus, configure, tau_limit, select_only)
+    if select_only:
+      out[row] = res["tau"]
+      continue
+    out[row] = compare.model_row(res, per_task)
+    timing[row] = round(compare.stage_seconds(compare.row_dir(workdir, row),
+                                              compare.MODEL_ROWS[row][0]) +
+                        float((res["tau"] or {}).get("wall_time_s", 0.0)), 1)
+  if select_only:
+    return out
+  return compare.result(cfg, workdir, out, timing, command)
