@@ -363,3 +363,15 @@ def test_decoder_integration_prefill_search_and_q_pass():
                                               num_beams=k, token_offset=offs,
                                               codebook_sizes=sizes)
   np.testing.assert_array_equal(seqs, out.sequences)
+  # Level-code logits only (what `generator.generate` runs): the same beams; the scores differ
+  # at most by the rounding of a narrower output product.
+  level_step = testing.DecoderStep(graphdef, token_offset=offs, width=max(sizes))
+  lv = beam.constrained_beam_search(level_step, params, prompt[:, -1], cache, tables,
+                                    num_beams=k, token_offset=offs, level_logits=True)
+  np.testing.assert_array_equal(lv.sequences, out.sequences)
+  np.testing.assert_array_equal(lv.valid, out.valid)
+  np.testing.assert_allclose(lv.scores, out.scores, rtol=1e-6, atol=1e-6)
+  seqs, _, valid = reference.host_beam_search(level_step, params, prompt[:, -1], cache, fn,
+                                              num_beams=k, token_offset=offs,
+                                              codebook_sizes=sizes, level_logits=True)
+  np.testing.assert_array_equal(seqs, out.sequences)

@@ -76,9 +76,10 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
   _, cache = model.hidden(tokens, inject_items, attn_mask & ~last, feats, cache=cache)
   start = jnp.take_along_axis(tokens, (length - 1)[:, None], axis=1)[:, 0]  # [B]
 
-  def step(tok, c, _):
-    h, c = model.backbone(tok[:, None], cache=c, decode=True)
-    return model.backbone.logits(h)[:, 0], c
+  def step(tok, c, level):
+    # Only level `level`'s code logits: the search log-softmaxes over them alone.
+    h, c = model.backbone(tok[:, None], cache=c, decode=True)  # [B*K, 1, D]
+    return model.backbone.token_logits(h, code_ids[level])[:, 0], c  # [B*K, W]
 
   if spec.mode == "gr_id":
     q_in = jnp.stack([start, jnp.full_like(start, spec.query_token)], axis=1)  # [B, 2]
@@ -92,8 +93,10 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
                          scores=jnp.where(ok, top, NEG_INF), beam=jnp.where(ok, 0, -1),
                          cos=jnp.where(ok, top, NEG_INF), valid=ok)
 
+  code_ids = beam.level_token_ids(spec.token_offset, max(tables.codebook_sizes),
+                                  model.backbone.embedding[...].shape[0])  # [L, W]
   res = beam.beam_search(step, start, cache, tables, num_beams=spec.num_beams,
-                         token_offset=spec.token_offset)
+                         token_offset=spec.token_offset, level_logits=True)
   k = spec.num_beams
   if spec.mode == "gr_sid":
     # Every full SID names one item: its bucket holds exactly that item. A beam whose item is

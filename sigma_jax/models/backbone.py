@@ -394,6 +394,26 @@ class Decoder(nnx.Module):
       out = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
     return parallel.constrain(out, ("batch", "length", "vocab"))
 
+  def token_logits(self, hidden: jax.Array, ids: jax.Array) -> jax.Array:
+    """Columns `ids` of `logits(hidden)`, without the full-vocabulary product.
+
+    Decoding needs one SID level's C codes, not all V tokens: this multiplies by C rows of
+    the (tied) embedding, or C columns of `lm_head`, only.
+
+    Args:
+      hidden: [B, T, D].
+      ids: [W] int token ids in [0, V), the same for every row.
+
+    Returns:
+      float32 [B, T, W]; column w is `logits(hidden)[..., ids[w]]`.
+    """
+    h = hidden.astype(self.dtype)
+    if self.lm_head is None:
+      w = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)  # [W, D]
+      return jnp.einsum("btd,wd->btw", h, w, preferred_element_type=jnp.float32)
+    w = jnp.take(self.lm_head[...], ids, axis=1).astype(self.dtype)  # [D, W]
+    return jnp.einsum("btd,dw->btw", h, w, preferred_element_type=jnp.float32)
+
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, *args, method: str = "__call__",
           **kwargs) -> Any:
