@@ -25,6 +25,7 @@ from flax import nnx
 from sigma_jax import parallel
 from sigma_jax.data import prompts, text
 from sigma_jax.generate import beam, fusion, trie
+from sigma_jax.models import backbone as bb
 from sigma_jax.models import rq
 from sigma_jax.numerics import DEAD, NEG_INF
 
@@ -76,9 +77,13 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
   _, cache = model.hidden(tokens, inject_items, attn_mask & ~last, feats, cache=cache)
   start = jnp.take_along_axis(tokens, (length - 1)[:, None], axis=1)[:, 0]  # [B]
 
+  # The beams share their prompt's cache (B rows, never tiled or reordered); each beam's own
+  # cache holds only the tokens fed after the prompt (the search tiles and reorders it).
+  prompt_cache = cache.truncate(t)
+
   def step(tok, c, level):
     # Only level `level`'s code logits: the search log-softmaxes over them alone.
-    h, c = model.backbone(tok[:, None], cache=c, decode=True)  # [B*K, 1, D]
+    h, c = model.backbone(tok[:, None], cache=c, decode=True, shared=prompt_cache)  # [BK,1,D]
     return model.backbone.token_logits(h, code_ids[level])[:, 0], c  # [B*K, W]
 
   if spec.mode == "gr_id":
@@ -95,7 +100,8 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
 
   code_ids = beam.level_token_ids(spec.token_offset, max(tables.codebook_sizes),
                                   model.backbone.embedding[...].shape[0])  # [L, W]
-  res = beam.beam_search(step, start, cache, tables, num_beams=spec.num_beams,
+  own = bb.beam_cache(prompt_cache, _cache_len(t, levels) - t)  # [B, L + 2] slots
+  res = beam.beam_search(step, start, own, tables, num_beams=spec.num_beams,
                          token_offset=spec.token_offset, level_logits=True)
   k = spec.num_beams
   if spec.mode == "gr_sid":
@@ -113,7 +119,7 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
   # sigma: <q> after each prefix, on the beams' caches (they hold all codes but the last).
   q_in = jnp.stack([res.last_tokens.reshape(-1),
                     jnp.full((b * k,), spec.query_token, jnp.int32)], axis=1)  # [BK, 2]
-  h, _ = model.backbone(q_in, cache=res.cache)
+  h, _ = model.backbone(q_in, cache=res.cache, shared=prompt_cache)
   q = model.query(h[:, 1]).reshape(b, k, -1)  # [B, K, D]
   # Items of a prefix bucket that break the instruction's constraint never reach the ranking.
   cand, cos = fusion.bucket_retrieval(q, res.prefix_ids, bucket_table, item_keys, spec.top_m,
