@@ -13,7 +13,10 @@ model skips the V-wide output product.
 The cache is any pytree whose arrays have the B*K rows leading (row b*K + k is beam k of example
 b); the caller prefills the prompt once (all of it but its last token) into a cache of B rows,
 and `beam_search` tiles it to B*K. Step 0 feeds the prompt's last token (`start_tokens`), step
-l > 0 the token of the code chosen at level l-1, so L levels cost L model calls.
+l > 0 the token of the code chosen at level l-1, so L levels cost L model calls. A model step
+may instead keep the prompt's cache outside the searched cache, read by all K beams in place
+(`generator.generate`, `backbone.Decoder(..., shared=)`): the searched cache then holds only
+each beam's generated tokens, and tiling and reordering it costs next to nothing.
 
 Scores are sums of per-level log-probabilities. A level's log-probabilities are a log-softmax
 over that level's C_l codes; with `renormalize=True` (default) the disallowed codes are masked
