@@ -11,8 +11,9 @@ Prompts end with `<|end|> <|start|>` (`data.prompts.build_prompt(..., target=Non
 minus that last `<|start|>` is prefilled into the cache once; the beam search feeds `<|start|>`
 first. The K beams of a prompt share its prefilled cache (never tiled or reordered); each
 beam's own cache holds the tokens after the prompt, and each step computes only the current
-level's code logits (`Decoder.token_logits`), not all V. Constraint tables, bucket tables and item keys are ARGUMENTS of the jitted function, so a
-new catalogue or instruction of the same shapes does not recompile.
+level's code logits (`Decoder.token_logits`), not all V. Constraint tables, bucket tables and
+item keys are ARGUMENTS of the jitted function, so a new catalogue or instruction of the same
+shapes does not recompile.
 """
 from __future__ import annotations
 
