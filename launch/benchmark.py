@@ -21,9 +21,10 @@ packed (`sft.pack`), on a config's real data and a work directory's finished sta
    C = `--codebook`). For each batch size in `--batches`, the same random prompts of
    `--prompt_len` tokens are prefilled into a KV cache once (jitted, not timed), then:
      (a) `beam.constrained_beam_search` (the jitted `lax.while_loop`, trie tables as device
-         arrays) with a `step_fn` that runs the real backbone one token per beam on its KV
-         cache and returns full-vocabulary logits — the same step `generator.generate` runs —
-         timed from the prefilled cache to `block_until_ready` of the result;
+         arrays) with a `step_fn` that runs the real backbone one token per beam, the beams
+         sharing their prompt's KV cache, and returns the level's code logits only — the same
+         step `generator.generate` runs — timed from the prefilled cache to
+         `block_until_ready` of the result;
      (b) `reference.host_beam_search` with the SAME step_fn, parameters, prefilled cache and
          catalogue (a dict trie behind a Python `prefix -> allowed codes` callback, called per
          beam per step; one jitted model call per step; top-k on the host), timed the same
@@ -141,7 +142,7 @@ def _search_bench(cfg, graphdef, params, sids, sizes, offsets, batch: int, rng) 
   from sigma_jax.generate import beam, reference, testing, trie
   from sigma_jax.models import backbone as bb
   k, levels, p = _NUM_BEAMS.value, len(sizes), _PROMPT_LEN.value
-  step = testing.DecoderStep(graphdef)
+  step = testing.DecoderStep(graphdef, token_offset=offsets, width=max(sizes), shared=True)
   tables = jax.device_put(trie.build_tables(sids, sizes))
   allowed_fn = reference.prefix_allowed_fn(sids)
 
@@ -158,14 +159,18 @@ def _search_bench(cfg, graphdef, params, sids, sizes, offsets, batch: int, rng) 
   jax.block_until_ready(prefill(params, prompt[:, :-1]))  # compile
   prefill_s = _median_s(lambda: prefill(params, prompt[:, :-1]), _REPS.value)
   cache = jax.block_until_ready(prefill(params, prompt[:, :-1]))
+  # As generator.generate: the beams share the prompt cache and keep their own tokens apart.
+  state = (params, jax.jit(lambda c: c.truncate(p - 1))(cache))
+  own = jax.jit(lambda c: bb.beam_cache(c, levels + 2))(state[1])
 
   def device_search():
-    return beam.constrained_beam_search(step, params, start, cache, tables, num_beams=k,
-                                        token_offset=offsets)
+    return beam.constrained_beam_search(step, state, start, own, tables, num_beams=k,
+                                        token_offset=offsets, level_logits=True)
 
   def host_search():
-    return reference.host_beam_search(step, params, prompt[:, -1], cache, allowed_fn,
-                                      num_beams=k, token_offset=offsets, codebook_sizes=sizes)
+    return reference.host_beam_search(step, state, prompt[:, -1], own, allowed_fn,
+                                      num_beams=k, token_offset=offsets, codebook_sizes=sizes,
+                                      level_logits=True)
 
   t0 = time.perf_counter()
   out = jax.block_until_ready(device_search())
@@ -273,8 +278,9 @@ def _decode(argv: Sequence[str]) -> dict:
       benchmark="decode",
       setting=dict(
           search="beam.constrained_beam_search (jitted lax.while_loop, real backbone step on "
-                 "its KV cache, full-vocabulary logits) vs reference.host_beam_search (Python "
-                 "prefix->allowed callback per beam per step, one jitted model call per step), "
+                 "the shared prompt KV cache, level-code logits) vs "
+                 "reference.host_beam_search (Python prefix->allowed callback per beam per "
+                 "step, one jitted model call per step), "
                  "same step_fn, params, prefilled cache and catalogue; prefill untimed",
           backbone=_BACKBONE.value, vocab_size=int(cfg.vocab_size), levels=levels,
           codebook_size=c, items=_ITEMS.value, num_beams=_NUM_BEAMS.value,

@@ -252,3 +252,35 @@ def test_memorisation():
     params, opt_state, loss = train_step(params, opt_state)
     losses.append(float(loss))
   assert losses[-1] < 0.25 * losses[0], losses
+
+
+def test_shared_prompt_cache_matches_tiled_cache():
+  """Beams reading one shared prompt cache get the hidden states of a tiled full cache."""
+  gd, params = split_model()
+  _, cached, _, logits = jitted(gd)
+  beams, p_len = 3, 6
+  prompt = tokens(2, p_len, seed=3)
+  mask = jnp.asarray([[True] * p_len, [True] * 4 + [False] * 2])  # row 1 right-padded
+  cache = bb.init_cache(tiny(), 2, p_len + 4)
+  _, cache = cached(params, prompt, mask, cache)
+  tiled = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), cache)
+  prompt_cache = cache.truncate(p_len)
+  own = jax.tree.map(lambda x: jnp.repeat(x, beams, axis=0), bb.beam_cache(prompt_cache, 4))
+  shared_call = jax.jit(lambda p, tok, c, s: bb.apply(gd, p, tok, cache=c, shared=s))
+  new = tokens(2 * beams, 4, seed=4)  # each beam its own continuation
+  for t, width in [(0, 1), (1, 1), (2, 2)]:  # one-token steps, then a two-token call
+    want, tiled = cached(params, new[:, t:t + width], jnp.ones((2 * beams, width), bool), tiled)
+    got, own = shared_call(params, new[:, t:t + width], own, prompt_cache)
+    close(got, want)
+  np.testing.assert_array_equal(own.pos, tiled.pos)
+  assert own.k[0].shape[1] == 4 and prompt_cache.k[0].shape[1] == p_len
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_token_logits_are_columns_of_logits(tie):
+  gd, params = split_model(tie=tie)
+  fwd, _, _, logits = jitted(gd)
+  hidden = fwd(params, tokens(2, 5), jnp.ones((2, 5), bool))  # [B, T, D]
+  ids = jnp.asarray([5, 0, V - 1, 7])
+  close(bb.apply(gd, params, hidden, ids, method="token_logits"),
+        logits(params, hidden)[..., ids], tol=1e-6)

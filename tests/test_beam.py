@@ -363,3 +363,38 @@ def test_decoder_integration_prefill_search_and_q_pass():
                                               num_beams=k, token_offset=offs,
                                               codebook_sizes=sizes)
   np.testing.assert_array_equal(seqs, out.sequences)
+  # Level-code logits only (what `generator.generate` runs): the same beams; the scores differ
+  # at most by the rounding of a narrower output product.
+  level_step = testing.DecoderStep(graphdef, token_offset=offs, width=max(sizes))
+  lv = beam.constrained_beam_search(level_step, params, prompt[:, -1], cache, tables,
+                                    num_beams=k, token_offset=offs, level_logits=True)
+  np.testing.assert_array_equal(lv.sequences, out.sequences)
+  np.testing.assert_array_equal(lv.valid, out.valid)
+  np.testing.assert_allclose(lv.scores, out.scores, rtol=1e-6, atol=1e-6)
+  seqs, _, valid = reference.host_beam_search(level_step, params, prompt[:, -1], cache, fn,
+                                              num_beams=k, token_offset=offs,
+                                              codebook_sizes=sizes, level_logits=True)
+  np.testing.assert_array_equal(seqs, out.sequences)
+  # The beams sharing one prompt cache (as `generator.generate`): the same beams, and the <q>
+  # pass on the beams' own caches gives the full forward's hidden state.
+  shared_step = testing.DecoderStep(graphdef, token_offset=offs, width=max(sizes), shared=True)
+  prompt_cache = jax.jit(lambda c: c.truncate(prompt.shape[1] - 1))(cache)
+  own = bb.beam_cache(prompt_cache, len(sizes) + 2)
+  sh = beam.constrained_beam_search(shared_step, (params, prompt_cache), prompt[:, -1], own,
+                                    tables, num_beams=k, token_offset=offs, level_logits=True)
+  np.testing.assert_array_equal(sh.sequences, out.sequences)
+  np.testing.assert_allclose(sh.scores, out.scores, rtol=1e-6, atol=1e-6)
+
+  @jax.jit
+  def shared_q_pass(params, prompt_cache, cache, last_tokens):
+    toks = jnp.stack([last_tokens, jnp.full_like(last_tokens, q_token)], axis=1)  # [B*K, 2]
+    hidden, _ = bb.apply(graphdef, params, toks, cache=cache, shared=prompt_cache)
+    return hidden[:, 1]
+
+  np.testing.assert_allclose(
+      shared_q_pass(params, prompt_cache, sh.cache, sh.last_tokens.reshape(-1)), h_q,
+      rtol=1e-5, atol=1e-5)
+  seqs, _, _ = reference.host_beam_search(shared_step, (params, prompt_cache), prompt[:, -1],
+                                          own, fn, num_beams=k, token_offset=offs,
+                                          codebook_sizes=sizes, level_logits=True)
+  np.testing.assert_array_equal(seqs, out.sequences)

@@ -6,10 +6,17 @@ One `lax.while_loop` over a fixed-shape `BeamState`; the model is a callback
 
 that feeds one token per row and returns next-token logits over the whole vocabulary; `step` is
 the SID level being predicted (int32 scalar). Level l's code c is token `token_offset[l] + c`.
+With `level_logits=True` the callback returns that level's code logits only, [B*K, W] with
+W = max C_l: column c is the logit of token `token_offset[step] + c` (columns >= C_step are
+ignored). Only the level's codes enter the log-softmax, so this gives the same beams while the
+model skips the V-wide output product.
 The cache is any pytree whose arrays have the B*K rows leading (row b*K + k is beam k of example
 b); the caller prefills the prompt once (all of it but its last token) into a cache of B rows,
 and `beam_search` tiles it to B*K. Step 0 feeds the prompt's last token (`start_tokens`), step
-l > 0 the token of the code chosen at level l-1, so L levels cost L model calls.
+l > 0 the token of the code chosen at level l-1, so L levels cost L model calls. A model step
+may instead keep the prompt's cache outside the searched cache, read by all K beams in place
+(`generator.generate`, `backbone.Decoder(..., shared=)`): the searched cache then holds only
+each beam's generated tokens, and tiling and reordering it costs next to nothing.
 
 Scores are sums of per-level log-probabilities. A level's log-probabilities are a log-softmax
 over that level's C_l codes; with `renormalize=True` (default) the disallowed codes are masked
@@ -84,6 +91,22 @@ class BeamResult:
   cache: Any
 
 
+def level_token_ids(token_offset, width: int, vocab_size: int) -> jax.Array:
+  """Token ids of each level's codes, for a step that returns level logits only.
+
+  Args:
+    token_offset: L ints; level l's code c is token token_offset[l] + c.
+    width: W = max C_l.
+    vocab_size: V; ids past the vocabulary (codes a narrower level does not have) are clipped
+      to V - 1, their columns are never allowed.
+
+  Returns:
+    [L, W] int32; row l holds token_offset[l] + 0 .. W-1.
+  """
+  ids = jnp.asarray(token_offset, jnp.int32)[:, None] + jnp.arange(width, dtype=jnp.int32)
+  return jnp.minimum(ids, vocab_size - 1)
+
+
 def _gather_beams(x: jax.Array, parent: jax.Array) -> jax.Array:
   """Rows of the chosen parents. Args: x [B, K, ...], parent [B, K]. Returns [B, K, ...]."""
   idx = parent.reshape(parent.shape + (1,) * (x.ndim - 2))
@@ -147,8 +170,8 @@ def _level_fns(tables: TrieTables, batch: int, width: int):
 
 
 def beam_search(tokens_to_logits: TokensToLogits, start_tokens: jax.Array, cache: Any,
-                tables: TrieTables, *, num_beams: int, token_offset, renormalize: bool = True
-                ) -> BeamResult:
+                tables: TrieTables, *, num_beams: int, token_offset, renormalize: bool = True,
+                level_logits: bool = False) -> BeamResult:
   """Constrained beam search; traceable, call it inside a jitted function.
 
   Args:
@@ -159,6 +182,8 @@ def beam_search(tokens_to_logits: TokensToLogits, start_tokens: jax.Array, cache
     num_beams: K.
     token_offset: L ints (static); level l's code c is token `token_offset[l] + c`.
     renormalize: log-softmax over the allowed codes only (module docstring).
+    level_logits: the callback returns [B*K, W] level-code logits, not [B*K, V] (module
+      docstring).
 
   Returns:
     `BeamResult`; beams sorted by score, invalid beams last.
@@ -193,15 +218,21 @@ def beam_search(tokens_to_logits: TokensToLogits, start_tokens: jax.Array, cache
 
   def body(s: BeamState) -> BeamState:
     logits, new_cache = tokens_to_logits(s.tokens.reshape(-1), s.cache, s.step)
-    logits = logits.astype(jnp.float32).reshape(batch, k_beams, -1)  # [B, K, V]
-    short = max(token_offset) + width - logits.shape[-1]
-    if short > 0:  # the last levels' slice may run past V
-      logits = jnp.pad(logits, ((0, 0), (0, 0), (0, short)), constant_values=NEG_INF)
-    level_logits = jax.lax.dynamic_slice_in_dim(logits, offsets[s.step], width, axis=2)
+    logits = logits.astype(jnp.float32).reshape(batch, k_beams, -1)  # [B, K, V] or [B, K, W]
+    if level_logits:
+      if logits.shape[-1] != width:
+        raise ValueError(f"level_logits: the step returned {logits.shape[-1]} columns, the "
+                         f"widest level has {width} codes")
+      code_logits = logits  # [B, K, W]
+    else:
+      short = max(token_offset) + width - logits.shape[-1]
+      if short > 0:  # the last levels' slice may run past V
+        logits = jnp.pad(logits, ((0, 0), (0, 0), (0, short)), constant_values=NEG_INF)
+      code_logits = jax.lax.dynamic_slice_in_dim(logits, offsets[s.step], width, axis=2)
     allowed, child = jax.lax.switch(s.step, level_fns, s.node)  # [B, K, W]
     in_level = jnp.arange(width) < level_size[s.step]  # [W]
     logp = jax.nn.log_softmax(
-        jnp.where(allowed if renormalize else in_level, level_logits, NEG_INF), axis=-1)
+        jnp.where(allowed if renormalize else in_level, code_logits, NEG_INF), axis=-1)
     # Re-mask: a row with nothing allowed would otherwise be uniform.
     logp = jnp.where(allowed, logp, NEG_INF)  # [B, K, W]
     cand = (s.scores[..., None] + logp).reshape(batch, k_beams * width)  # [B, K*W]
@@ -235,11 +266,12 @@ def beam_search(tokens_to_logits: TokensToLogits, start_tokens: jax.Array, cache
 
 
 @functools.partial(jax.jit, static_argnames=("step_fn", "num_beams", "token_offset",
-                                             "renormalize"))
+                                             "renormalize", "level_logits"))
 def constrained_beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], model_state: Any,
                             start_tokens: jax.Array, cache: Any, tables: TrieTables, *,
                             num_beams: int, token_offset: tuple[int, ...],
-                            renormalize: bool = True) -> BeamResult:
+                            renormalize: bool = True, level_logits: bool = False
+                            ) -> BeamResult:
   """Jitted `beam_search` with the model state and the trie tables as ARGUMENTS.
 
   Compiled once per (step_fn, shapes, static arguments): new tables or new parameters of the
@@ -247,17 +279,19 @@ def constrained_beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], model
   pass one long-lived function, not a fresh lambda per call.
 
   Args:
-    step_fn: `step_fn(model_state, tokens [B*K], cache, step) -> (logits [B*K, V], cache)`.
+    step_fn: `step_fn(model_state, tokens [B*K], cache, step) -> (logits [B*K, V], cache)`
+      ([B*K, W] with `level_logits`).
     model_state: pytree passed to `step_fn` (e.g. the split model's parameters).
     start_tokens: [B] int32.
     cache: B-row model cache (prompt minus its last token).
     tables: `TrieTables`.
     num_beams: K.
     token_offset: tuple of L ints.
-    renormalize: see `beam_search`.
+    renormalize, level_logits: see `beam_search`.
 
   Returns:
     `BeamResult`.
   """
   return beam_search(functools.partial(step_fn, model_state), start_tokens, cache, tables,
-                     num_beams=num_beams, token_offset=token_offset, renormalize=renormalize)
+                     num_beams=num_beams, token_offset=token_offset, renormalize=renormalize,
+                     level_logits=level_logits)

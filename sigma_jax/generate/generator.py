@@ -9,8 +9,11 @@ exact top-N over all items.
 
 Prompts end with `<|end|> <|start|>` (`data.prompts.build_prompt(..., target=None)`): the prompt
 minus that last `<|start|>` is prefilled into the cache once; the beam search feeds `<|start|>`
-first. Constraint tables, bucket tables and item keys are ARGUMENTS of the jitted function, so a
-new catalogue or instruction of the same shapes does not recompile.
+first. The K beams of a prompt share its prefilled cache (never tiled or reordered); each
+beam's own cache holds the tokens after the prompt, and each step computes only the current
+level's code logits (`Decoder.token_logits`), not all V. Constraint tables, bucket tables and
+item keys are ARGUMENTS of the jitted function, so a new catalogue or instruction of the same
+shapes does not recompile.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from flax import nnx
 from sigma_jax import parallel
 from sigma_jax.data import prompts, text
 from sigma_jax.generate import beam, fusion, trie
+from sigma_jax.models import backbone as bb
 from sigma_jax.models import rq
 from sigma_jax.numerics import DEAD, NEG_INF
 
@@ -76,9 +80,14 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
   _, cache = model.hidden(tokens, inject_items, attn_mask & ~last, feats, cache=cache)
   start = jnp.take_along_axis(tokens, (length - 1)[:, None], axis=1)[:, 0]  # [B]
 
-  def step(tok, c, _):
-    h, c = model.backbone(tok[:, None], cache=c, decode=True)
-    return model.backbone.logits(h)[:, 0], c
+  # The beams share their prompt's cache (B rows, never tiled or reordered); each beam's own
+  # cache holds only the tokens fed after the prompt (the search tiles and reorders it).
+  prompt_cache = cache.truncate(t)
+
+  def step(tok, c, level):
+    # Only level `level`'s code logits: the search log-softmaxes over them alone.
+    h, c = model.backbone(tok[:, None], cache=c, decode=True, shared=prompt_cache)  # [BK,1,D]
+    return model.backbone.token_logits(h, code_ids[level])[:, 0], c  # [B*K, W]
 
   if spec.mode == "gr_id":
     q_in = jnp.stack([start, jnp.full_like(start, spec.query_token)], axis=1)  # [B, 2]
@@ -92,8 +101,11 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
                          scores=jnp.where(ok, top, NEG_INF), beam=jnp.where(ok, 0, -1),
                          cos=jnp.where(ok, top, NEG_INF), valid=ok)
 
-  res = beam.beam_search(step, start, cache, tables, num_beams=spec.num_beams,
-                         token_offset=spec.token_offset)
+  code_ids = beam.level_token_ids(spec.token_offset, max(tables.codebook_sizes),
+                                  model.backbone.embedding[...].shape[0])  # [L, W]
+  own = bb.beam_cache(prompt_cache, _cache_len(t, levels) - t)  # [B, L + 2] slots
+  res = beam.beam_search(step, start, own, tables, num_beams=spec.num_beams,
+                         token_offset=spec.token_offset, level_logits=True)
   k = spec.num_beams
   if spec.mode == "gr_sid":
     # Every full SID names one item: its bucket holds exactly that item. A beam whose item is
@@ -110,7 +122,7 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
   # sigma: <q> after each prefix, on the beams' caches (they hold all codes but the last).
   q_in = jnp.stack([res.last_tokens.reshape(-1),
                     jnp.full((b * k,), spec.query_token, jnp.int32)], axis=1)  # [BK, 2]
-  h, _ = model.backbone(q_in, cache=res.cache)
+  h, _ = model.backbone(q_in, cache=res.cache, shared=prompt_cache)
   q = model.query(h[:, 1]).reshape(b, k, -1)  # [B, K, D]
   # Items of a prefix bucket that break the instruction's constraint never reach the ranking.
   cand, cos = fusion.bucket_retrieval(q, res.prefix_ids, bucket_table, item_keys, spec.top_m,

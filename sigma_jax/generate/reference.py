@@ -45,7 +45,7 @@ def host_beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], model_state:
                      start_tokens: np.ndarray, cache: Any,
                      allowed_fn: Callable[[tuple[int, ...]], Sequence[int]], *, num_beams: int,
                      token_offset: Sequence[int], codebook_sizes: Sequence[int],
-                     renormalize: bool = True):
+                     renormalize: bool = True, level_logits: bool = False):
   """Beam search with the constraint and the top-k on the host, one device call per step.
 
   Args:
@@ -59,6 +59,7 @@ def host_beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], model_state:
     token_offset: L ints; level l's code c is token token_offset[l] + c.
     codebook_sizes: L ints.
     renormalize: softmax over the allowed codes only (as `beam.beam_search`).
+    level_logits: `step_fn` returns [B*K, W] level-code logits (as `beam.beam_search`).
 
   Returns:
     sequences [B, K, L] int (-1 invalid), scores [B, K] float32 (-inf invalid), valid [B, K].
@@ -75,7 +76,8 @@ def host_beam_search(step_fn: Callable[..., tuple[jax.Array, Any]], model_state:
     c, off = int(codebook_sizes[level]), int(token_offset[level])
     logits, cache = step(model_state, jnp.asarray(tokens, jnp.int32), cache,
                          jnp.int32(level))
-    logits = np.asarray(logits, np.float32)[:, off:off + c].reshape(b_size, k_size, c)
+    first = 0 if level_logits else off
+    logits = np.asarray(logits, np.float32)[:, first:first + c].reshape(b_size, k_size, c)
     logp = np.full((b_size, k_size, c), -np.inf, np.float32)
     for b in range(b_size):
       for k in range(k_size):

@@ -14,30 +14,51 @@ import jax
 import numpy as np
 from flax import nnx
 
+from sigma_jax.generate import beam
 from sigma_jax.models import backbone as bb
 
 
 class DecoderStep:
-  """`step_fn(params, tokens [B*K], cache, step) -> (logits [B*K, V], cache)` of a split Decoder.
+  """`step_fn(params, tokens [B*K], cache, step) -> (logits, cache)` of a split Decoder.
 
-  One token per beam on the KV cache, full-vocabulary logits (as `generator.generate`'s step).
-  Equal graphdefs compare equal, so jit reuses compiled programs across instances.
+  One token per beam on the KV cache. Without `token_offset`, full-vocabulary logits
+  [B*K, V]; with `token_offset` and `width`, the level-`step` code logits [B*K, W] that
+  `generator.generate`'s step returns (search with `level_logits=True`).
+
+  With `shared=True` (as `generator.generate`), the first argument is `(params, prompt)`: the
+  prefilled prompt `KVCache` [B rows] that the beams share, and the searched cache is each
+  beam's own part (`backbone.beam_cache(prompt, L)`), so the search never tiles or reorders
+  the prompt. Otherwise the first argument is `params` and the cache the prefilled prompt.
+  Equal graphdefs and settings compare equal, so jit reuses compiled programs across instances.
   """
 
-  def __init__(self, graphdef):
+  def __init__(self, graphdef, token_offset=None, width: int | None = None,
+               shared: bool = False):
     self.graphdef = graphdef
+    self.token_offset = None if token_offset is None else tuple(int(o) for o in token_offset)
+    self.width = None if width is None else int(width)
+    self.shared = bool(shared)
+    if (self.token_offset is None) != (self.width is None):
+      raise ValueError("DecoderStep: give both token_offset and width, or neither")
+
+  def _key(self):
+    return (self.graphdef, self.token_offset, self.width, self.shared)
 
   def __hash__(self):
-    return hash(self.graphdef)
+    return hash(self._key())
 
   def __eq__(self, other):
-    return isinstance(other, DecoderStep) and other.graphdef == self.graphdef
+    return isinstance(other, DecoderStep) and other._key() == self._key()
 
-  def __call__(self, params, tokens, cache, step):
-    del step  # the level does not change the model call
-    hidden, cache = bb.apply(self.graphdef, params, tokens[:, None], cache=cache,
-                             decode=True)  # [B*K, 1, D]
-    return bb.apply(self.graphdef, params, hidden, method="logits")[:, 0], cache  # [B*K, V]
+  def __call__(self, state, tokens, cache, step):
+    params, prompt = state if self.shared else (state, None)
+    model = nnx.merge(self.graphdef, params)
+    hidden, cache = model(tokens[:, None], cache=cache, decode=True,
+                          shared=prompt)  # [B*K, 1, D]
+    if self.token_offset is None:
+      return model.logits(hidden)[:, 0], cache  # [B*K, V]
+    ids = beam.level_token_ids(self.token_offset, self.width, model.embedding[...].shape[0])
+    return model.token_logits(hidden, ids[step])[:, 0], cache  # [B*K, W]
 
 
 class TableStep:

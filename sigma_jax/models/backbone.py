@@ -122,7 +122,7 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x, positions, mask, kv_cache=None, write=None):
+  def __call__(self, x, positions, mask, kv_cache=None, write=None, shared=None):
     """Attention of T new tokens over themselves or over a cache.
 
     Args:
@@ -132,6 +132,9 @@ class Attention(nnx.Module):
       kv_cache: None, or (k [B, S, KV, Dh], v [B, S, KV, Dh]).
       write: with a cache, (src [B, S] int index into T, written [B, S] bool): slot s of row b
         takes the new key/value of token src[b, s] where written[b, s].
+      shared: with a cache, None or (k [P, Sp, KV, Dh], v [P, Sp, KV, Dh], valid [P, Sp] bool),
+        keys every query of rows p*G' .. p*G'+G'-1 also sees (G' = B / P), before its own
+        cache: the prompt cache shared by a prompt's beams (see `Decoder.__call__`).
 
     Returns:
       (out [B, T, D], (k, v) updated cache or None).
@@ -160,6 +163,10 @@ class Attention(nnx.Module):
 
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)  # [B, T, KV, G, Dh]
+    if shared is not None:
+      out = self._attend_shared(q, k, v, mask, shared)  # [B, T, H, Dh]
+      out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))  # [B, T, D]
+      return out, new_cache
     if t == 1:
       # One query per row (decoding): as einsums these become B*KV tiny matrix products, which
       # XLA:CPU runs one by one; multiply-and-sum is several times faster and exact in f32.
@@ -180,6 +187,57 @@ class Attention(nnx.Module):
                                                                self.head_dim)
     out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))  # [B, T, D]
     return out, new_cache
+
+  def _attend_shared(self, q, k, v, mask, shared):
+    """Attention over a shared prompt part and each row's own cache, without tiling the prompt.
+
+    Args:
+      q: [B, T, KV, G, Dh] queries (B = P * beams rows, row p*beams + j is beam j of prompt p).
+      k, v: [B, S, KV, Dh] each row's own cache (the generated tokens).
+      mask: [B, T, S] bool over the own cache.
+      shared: (k [P, Sp, KV, Dh], v [P, Sp, KV, Dh], valid [P, Sp]) of the prompts.
+
+    Returns:
+      [B, T, H, Dh]. The softmax runs over the Sp + S keys [prompt slots, own slots], the
+      layout of one cache holding both, so the weights are those of the tiled cache.
+    """
+    dt = self.dtype
+    sk, sv, svalid = shared
+    b, t, kvh, g, dh = q.shape
+    p, sp = svalid.shape
+    beams = b // p
+    scale = self.head_dim ** -0.5
+    qp = q.reshape(p, beams, t, kvh, g, dh)  # [P, beams, T, KV, G, Dh]
+    if t == 1:
+      # Multiply-and-sum as in `__call__`'s one-query path (XLA:CPU runs tiny einsums slowly).
+      skt = jnp.swapaxes(sk, 1, 2)[:, None, :, None].astype(jnp.float32)  # [P,1,KV,1,Sp,Dh]
+      prompt_scores = jnp.sum(qp[:, :, 0, :, :, None, :].astype(jnp.float32) * skt,
+                              axis=-1)[..., None, :] * scale  # [P, beams, KV, G, 1, Sp]
+      kt = jnp.swapaxes(k, 1, 2)[:, :, None].astype(jnp.float32)  # [B, KV, 1, S, Dh]
+      own_scores = jnp.sum(q[:, 0, :, :, None, :].astype(jnp.float32) * kt,
+                           axis=-1)[:, :, :, None, :] * scale  # [B, KV, G, 1, S]
+    else:
+      prompt_scores = jnp.einsum("pjtkgd,pskd->pjkgts", qp, sk,
+                                 preferred_element_type=jnp.float32) * scale
+      own_scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                              preferred_element_type=jnp.float32) * scale  # [B, KV, G, T, S]
+    prompt_scores = prompt_scores.reshape(b, kvh, g, t, sp)  # [B, KV, G, T, Sp]
+    prompt_mask = jnp.broadcast_to(jnp.repeat(svalid, beams, axis=0)[:, None, :], (b, t, sp))
+    full_mask = jnp.concatenate([prompt_mask, mask], axis=-1)  # [B, T, Sp + S]
+    scores = jnp.concatenate([prompt_scores, own_scores], axis=-1)  # [B, KV, G, T, Sp + S]
+    scores = jnp.where(full_mask[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    prompt_probs = probs[..., :sp].reshape(p, beams, kvh, g, t, sp)
+    own_probs = probs[..., sp:]  # [B, KV, G, T, S]
+    if t == 1:
+      svt = jnp.swapaxes(sv, 1, 2)[:, None, :, None]  # [P, 1, KV, 1, Sp, Dh]
+      out = jnp.sum(prompt_probs[:, :, :, :, 0, :, None] * svt, axis=-2)  # [P, beams, KV, G, Dh]
+      vt = jnp.swapaxes(v, 1, 2)[:, :, None]  # [B, KV, 1, S, Dh]
+      out = out.reshape(b, kvh, g, dh) + jnp.sum(own_probs[:, :, :, 0, :, None] * vt, axis=3)
+      return out.reshape(b, 1, self.num_heads, dh)
+    out = jnp.einsum("pjkgts,pskd->pjtkgd", prompt_probs, sv).reshape(b, t, kvh, g, dh)
+    out = out + jnp.einsum("bkgts,bskd->btkgd", own_probs, v)
+    return out.reshape(b, t, self.num_heads, dh)
 
 
 class MLP(nnx.Module):
@@ -209,8 +267,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, positions, mask, kv_cache=None, write=None):
-    h, kv_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, write)
+  def __call__(self, x, positions, mask, kv_cache=None, write=None, shared=None):
+    h, kv_cache = self.attn(self.attn_norm(x), positions, mask, kv_cache, write, shared)
     x = parallel.constrain(x + h, ACT)
     x = parallel.constrain(x + self.mlp(self.mlp_norm(x)), ACT)
     return x, kv_cache
@@ -247,6 +305,11 @@ class KVCache:
                    index=parallel.logical_sharding(mesh, names["index"], rules),
                    pos=parallel.logical_sharding(mesh, names["pos"], rules))
 
+  def truncate(self, length: int) -> "KVCache":
+    """The first `length` slots of every row (index and pos unchanged)."""
+    return self.replace(k=tuple(x[:, :length] for x in self.k),
+                        v=tuple(x[:, :length] for x in self.v), valid=self.valid[:, :length])
+
 
 def init_cache(cfg, batch: int, max_len: int | None = None) -> KVCache:
   """An empty cache.
@@ -267,6 +330,24 @@ def init_cache(cfg, batch: int, max_len: int | None = None) -> KVCache:
                  valid=jnp.zeros((batch, s), bool),
                  index=jnp.zeros((batch,), jnp.int32),
                  pos=jnp.zeros((batch,), jnp.int32))
+
+
+def beam_cache(prompt: KVCache, max_len: int) -> KVCache:
+  """An empty cache that continues `prompt` (its rows' RoPE positions), for `shared` decoding.
+
+  Args:
+    prompt: a prefilled `KVCache` [P rows].
+    max_len: slots for the tokens decoded after the prompt.
+
+  Returns:
+    A `KVCache` of P rows and `max_len` slots, none valid, index 0, pos = prompt.pos. Tile
+    its rows to P * beams (row p*beams + j) before decoding with `shared=prompt`.
+  """
+  shape = (prompt.valid.shape[0], int(max_len)) + prompt.k[0].shape[2:]
+  return KVCache(k=tuple(jnp.zeros(shape, x.dtype) for x in prompt.k),
+                 v=tuple(jnp.zeros(shape, x.dtype) for x in prompt.v),
+                 valid=jnp.zeros(shape[:2], bool),
+                 index=jnp.zeros_like(prompt.index), pos=prompt.pos)
 
 
 class Decoder(nnx.Module):
@@ -310,7 +391,8 @@ class Decoder(nnx.Module):
   def __call__(self, tokens: jax.Array, *, inject: jax.Array | None = None,
                inject_mask: jax.Array | None = None, positions: jax.Array | None = None,
                attn_mask: jax.Array | None = None, cache: KVCache | None = None,
-               decode: bool = False, segment_ids: jax.Array | None = None):
+               decode: bool = False, segment_ids: jax.Array | None = None,
+               shared: KVCache | None = None):
     """Runs the decoder.
 
     Args:
@@ -326,6 +408,11 @@ class Decoder(nnx.Module):
         sequence contiguous and its tokens real; a token attends only to its own segment and its
         default position counts from its segment's first token. Padding (``attn_mask`` False)
         is never attended to by real tokens.
+      shared: with a cache, a prompt `KVCache` of P rows that B = P * beams rows share (row
+        p*beams + j reads prompt p): every token also attends to the valid slots of its prompt,
+        which come before all of `cache`'s slots. Beams then keep only their own tokens in
+        `cache` (`beam_cache`), and nothing tiles or reorders the prompt. Same result as one
+        cache holding the prompt's slots then the row's, up to float rounding of the sums.
 
     Returns:
       hidden [B, T, D] after the final norm; with a cache, (hidden, updated cache).
@@ -373,9 +460,12 @@ class Decoder(nnx.Module):
     valid = jnp.where(written, jnp.take_along_axis(mask, src, axis=1), cache.valid)  # [B, S]
     query_slot = cache.index[:, None] + jnp.arange(t)[None, :]  # [B, T]
     attend = valid[:, None, :] & (slots[:, None, :] <= query_slot[:, :, None])  # [B, T, S]
+    if shared is not None and b % shared.valid.shape[0]:
+      raise ValueError(f"{b} rows cannot share {shared.valid.shape[0]} prompts")
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
-      x, (k, v) = layer(x, positions, attend, (cache.k[i], cache.v[i]), (src, written))
+      prompt = None if shared is None else (shared.k[i], shared.v[i], shared.valid)
+      x, (k, v) = layer(x, positions, attend, (cache.k[i], cache.v[i]), (src, written), prompt)
       ks.append(k)
       vs.append(v)
     new_cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid,
@@ -393,6 +483,26 @@ class Decoder(nnx.Module):
       w = self.lm_head[...].astype(self.dtype)
       out = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
     return parallel.constrain(out, ("batch", "length", "vocab"))
+
+  def token_logits(self, hidden: jax.Array, ids: jax.Array) -> jax.Array:
+    """Columns `ids` of `logits(hidden)`, without the full-vocabulary product.
+
+    Decoding needs one SID level's C codes, not all V tokens: this multiplies by C rows of
+    the (tied) embedding, or C columns of `lm_head`, only.
+
+    Args:
+      hidden: [B, T, D].
+      ids: [W] int token ids in [0, V), the same for every row.
+
+    Returns:
+      float32 [B, T, W]; column w is `logits(hidden)[..., ids[w]]`.
+    """
+    h = hidden.astype(self.dtype)
+    if self.lm_head is None:
+      w = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)  # [W, D]
+      return jnp.einsum("btd,wd->btw", h, w, preferred_element_type=jnp.float32)
+    w = jnp.take(self.lm_head[...], ids, axis=1).astype(self.dtype)  # [D, W]
+    return jnp.einsum("btd,dw->btw", h, w, preferred_element_type=jnp.float32)
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, *args, method: str = "__call__",
