@@ -20,7 +20,8 @@ Numbers this config gave (test, history items excluded; 2 CPU cores; selected on
                                     position, catalogue L_ID, APF tau .003)
   sigma_no_apf  R@10 .0711  N@10 .0415   (the same model, un-fused; APF gain +.0064 N@10,
                                          95% CI [+.0052, +.0078], paired bootstrap)
-TIGER's published .0648 / .0384 is the floor; sigma is above it and above LC-Rec and RPG.
+Published generative rows (TIGER .0648 / .0384, LC-Rec, RPG) rank all items (TIGER's protocol),
+not this filtered one, so they are not a like-for-like comparison (docs/BENCHMARKS.md).
 The previous recipe (one sequence per user with a loss at every position:
 --config.sft.layout=sequence) gave sigma .0549 / .0287, sigma_no_apf .0492 / .0260; at 3
 epochs with in-batch negatives also gr_id .0340 / .0186 and sigma_no_grounding .0354 / .0186.

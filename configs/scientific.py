@@ -12,7 +12,9 @@ single-task, and the comparison rows share one training recipe. docs/RESULTS.md 
 this config gives and the machine they came from.
 
 The comparison command gives (test, 8,442 users; 2 CPU cores). sigma, sigma_no_apf, gr_id and
-gr_sid train on one example per history position, as this config does; sigma_no_grounding was
+gr_sid train on one example per history position, as this config does (sigma, sigma_no_apf and
+gr_id: docs/results/scientific_pp/scientific.json; the other rows: docs/results/scientific.json,
+which also holds the previous recipe's sigma, sigma_no_apf and gr_id); sigma_no_grounding was
 trained with the previous recipe (one sequence per user, a loss at every position:
 --config.sft.layout=sequence), which also gave sigma .0853 / .0529 (R@10 / N@10) and gr_id
 .0501 / .0301:
@@ -36,7 +38,7 @@ def get_config(arg=None):
   # Beauty's recipe, chosen on Beauty's validation split (configs/beauty.py), not re-tuned here.
   c.sft.id_negatives = "catalogue"
   c.sft.epochs = 5.0
-  # Per position on Scientific too: validation N@10 .0852 against .0600 (first 3,000 users).
+  # Per position on Scientific too: validation N@10 .0852 against .0600 (whole split).
   c.sft.layout = "per_position"
   # APF's τ chosen on validation (first 3,000 users) from .001, .003, .01 with this recipe:
   # .003, an interior maximum (docs/RESULTS.md); launch.compare chooses it per row (--taus).
