@@ -30,9 +30,9 @@ docs/RESULTS.md has all rows, the protocol and the wall times.
 from configs import base
 
 
-def get_config(arg=None):
-  c = base.base_config()
-  c.dataset.name = "beauty"
+def next_item_recipe(c):
+  """The next-item (JustForYou) recipe, chosen on Beauty's validation split; other Amazon
+  categories take it unchanged (configs/scientific.py)."""
   c.sft.tasks = "justforyou"
   c.generation.eval_tasks = "justforyou"
   # Chosen on validation (docs/RESULTS.md): L_ID against the whole catalogue beat in-batch +
@@ -46,4 +46,11 @@ def get_config(arg=None):
   # APF's τ chosen on validation (first 3,000 users) from .001, .003, .01: .003, an interior
   # maximum (docs/RESULTS.md); launch.compare chooses it per row (--taus).
   c.generation.apf_tau = 0.003
+  return c
+
+
+def get_config(arg=None):
+  c = base.base_config()
+  c.dataset.name = "beauty"
+  next_item_recipe(c)
   return base.apply_variant(c, arg)
