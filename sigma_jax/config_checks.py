@@ -54,6 +54,9 @@ def validate(cfg, stages, workdir: str | None = None, devices=None) -> None:
     raise ValueError(f"generation.mode must be one of {sft.MODES}, got {cfg.generation.mode!r}")
   if cfg.sft.layout not in sft.LAYOUTS:
     raise ValueError(f"sft.layout must be one of {sft.LAYOUTS}, got {cfg.sft.layout!r}")
+  if cfg.sft.layout == "one_pass" and not cfg.sft.pack:
+    raise ValueError("sft.layout='one_pass' shares histories inside packed rows: it needs "
+                     "sft.pack=True")
   if cfg.tokenizer.kind not in TOKENIZER_KINDS:
     raise ValueError(f"tokenizer.kind must be one of {TOKENIZER_KINDS}, got "
                      f"{cfg.tokenizer.kind!r}")

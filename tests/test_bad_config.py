@@ -36,6 +36,7 @@ def test_shipped_configs_are_valid(module, arg):
     (dict(tokenizer__kind="vq"), r"tokenizer\.kind must be one of .* got 'vq'"),
     (dict(tokenizer__source="image"), r"tokenizer\.source must be one of .* got 'image'"),
     (dict(sft__layout="rows"), r"sft\.layout must be one of .* got 'rows'"),
+    (dict(sft__layout="one_pass", sft__pack=False), r"one_pass.*needs sft\.pack=True"),
     # 8 fake devices, all on the data axis.
     (dict(sft__batch_size=12), r"sft\.batch_size=12 is not divisible by the 8 data-parallel"),
     (dict(ground__batch_pairs=3),

@@ -63,6 +63,47 @@ def index_batches(num_records: int, global_batch: int, seed: int, shuffle: bool 
   return ds.repeat().batch(global_batch, drop_remainder=drop_remainder)
 
 
+class GroupedBatches:
+  """An endless sequence of [global_batch] record-index arrays that keeps each group's records
+  side by side: each epoch shuffles the groups (a record of group -1 is a group of its own),
+  lays every group's records out in their given order, and cuts the result into batches (a
+  batch may span two epochs, a group two batches). ``batches[step]`` is a pure function of
+  (groups, seed, step), like `index_batches`."""
+
+  def __init__(self, groups, global_batch: int, seed: int):
+    groups = np.asarray(groups, np.int64)
+    if len(groups) == 0:
+      raise ValueError("no records to batch")
+    if global_batch <= 0:
+      raise ValueError(f"batch size must be positive, got {global_batch}")
+    alone = groups < 0
+    keys = np.where(alone, groups.max(initial=0) + 1 + np.arange(len(groups)), groups)
+    order = np.argsort(keys, kind="stable")
+    starts = np.flatnonzero(np.r_[True, keys[order][1:] != keys[order][:-1]])
+    self._blocks = np.split(order, starts[1:])
+    self._n, self._batch, self._seed = len(groups), int(global_batch), int(seed)
+
+  @functools.lru_cache(maxsize=4)
+  def _epoch(self, epoch: int) -> np.ndarray:
+    perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._blocks))
+    return np.concatenate([self._blocks[b] for b in perm])
+
+  def __len__(self) -> int:
+    return np.iinfo(np.int64).max // self._batch
+
+  def __getitem__(self, step: int) -> np.ndarray:
+    first = int(step) * self._batch
+    idx = np.arange(first, first + self._batch)
+    epochs = idx // self._n
+    return np.concatenate([self._epoch(int(e))[idx[epochs == e] % self._n]
+                           for e in np.unique(epochs)])
+
+
+def grouped_batches(groups, global_batch: int, seed: int) -> GroupedBatches:
+  """See `GroupedBatches`."""
+  return GroupedBatches(groups, global_batch, seed)
+
+
 def steps_per_epoch(num_records: int, global_batch: int) -> int:
   return max(1, num_records // global_batch)
 

@@ -180,7 +180,79 @@ def compact(batch: dict, max_ntp: int, max_q: int, num_hard: int, prefix_ids: np
   return out
 
 
-def pack(batch: dict, row_multiple: int = 1) -> dict:
+def _units(batch: dict, lengths: np.ndarray, t: int, groups, trunk_len) -> list:
+  """Examples -> units of [examples] to lay out contiguously (``pack``).
+
+  Without ``groups`` every example is its own unit. With them, the examples of one group
+  (ascending trunk length) form as few units as fit in t tokens: a unit of examples m_1..m_k
+  takes the longest trunk once plus each example's part after its own trunk.
+  """
+  if groups is None:
+    return [[i] for i in range(len(lengths))]
+  groups, trunk_len = np.asarray(groups), np.asarray(trunk_len)
+  units, by_group = [], {}
+  for i in range(len(lengths)):
+    if groups[i] < 0:
+      units.append([i])
+    else:
+      by_group.setdefault(int(groups[i]), []).append(i)
+  for members in by_group.values():
+    members.sort(key=lambda i: (trunk_len[i], i))
+    unit, tails = [], 0  # tails: the unit's tokens after each member's trunk
+    for i in members:
+      if unit and lengths[i] + tails > t:  # i's trunk is the longest so far: the unit's trunk
+        units.append(unit)
+        unit, tails = [], 0
+      unit.append(i)
+      tails += lengths[i] - trunk_len[i]
+    units.append(unit)
+  for unit in units:  # a unit's trunks are prefixes of its longest one; no target lies in one
+    ref = unit[-1]
+    for i in unit[:-1]:
+      n = trunk_len[i]
+      if not (np.array_equal(batch["tokens"][i, :n], batch["tokens"][ref, :n]) and
+              np.array_equal(batch["inject_items"][i, :n], batch["inject_items"][ref, :n])):
+        raise ValueError(f"examples {i} and {ref} share group {groups[i]} but example {i}'s "
+                         "history is not a prefix of the other's")
+    for i in unit if len(unit) > 1 else ():
+      if ((batch["ntp_w"][i] > 0) & (batch["ntp_pos"][i] < trunk_len[i])).any() or \
+         ((batch["q_item"][i] >= 0) & (batch["q_pos"][i] < trunk_len[i])).any():
+        raise ValueError(f"example {i} has a target inside its shared history")
+  return units
+
+
+def _lay_out(unit: list, batch: dict, lengths: np.ndarray, trunk_len) -> tuple:
+  """One unit's tokens in order: (sources, positions, branches, where).
+
+  sources: (example, token index) of each of the unit's tokens; positions: their RoPE positions;
+  branches: their branch ids (0 on the shared trunk, k on the unit's k-th example's own part;
+  None for a unit of one example); where: for each example of the unit, the map from its own
+  token index to the unit's.
+  """
+  if len(unit) == 1:
+    i = unit[0]
+    n = lengths[i]
+    return [(i, j) for j in range(n)], np.arange(n), None, {i: np.arange(n)}
+  ref = unit[-1]
+  src, pos, branch, where = [], [], [], {}
+  trunk_at = np.zeros(trunk_len[ref], np.int64)
+  cut = 0
+  for k, i in enumerate(unit, start=1):
+    n = trunk_len[i]
+    for j in range(cut, n):
+      trunk_at[j] = len(src)
+      src.append((ref, j)), pos.append(j), branch.append(0)
+    cut = max(cut, n)
+    own = np.empty(lengths[i], np.int64)
+    own[:n] = trunk_at[:n]
+    for j in range(n, lengths[i]):
+      own[j] = len(src)
+      src.append((i, j)), pos.append(j), branch.append(k)
+    where[i] = own
+  return src, np.asarray(pos), np.asarray(branch), where
+
+
+def pack(batch: dict, row_multiple: int = 1, groups=None, trunk_len=None) -> dict:
   """A ``compact`` batch [B, T] -> the same examples packed several to a row [R, T].
 
   Examples are right-padded, so one uses its first ``attn_mask.sum()`` slots. They are placed
@@ -193,34 +265,59 @@ def pack(batch: dict, row_multiple: int = 1) -> dict:
   reads a batch with segment_ids this way). With attention kept inside a segment and positions
   restarting at each (`backbone.Decoder`), the loss equals the unpacked batch's while the model
   runs over R rows instead of B.
+
+  Shared histories (``sft.layout='one_pass'``): ``groups`` [B] (-1: none) and ``trunk_len`` [B]
+  say which examples share their first ``trunk_len`` tokens (the history) with others of their
+  group. Such examples become one segment that holds the longest history once, each example's
+  own part (instruction, target) placed right after its history's last token as a branch
+  (``branch_ids`` [R, T]: 0 on the shared history, k on the k-th example's part), with
+  ``positions`` [R, T] continuing each branch from its history. The decoder's branch mask then
+  gives every example the hidden states of its own prompt, so the loss is unchanged while each
+  history is computed once. Both arrays are added whenever ``groups`` is given.
   """
   mask = np.asarray(batch["attn_mask"]).astype(bool)
   b, t = mask.shape
   lengths = mask.sum(1)
   if (mask != (np.arange(t)[None, :] < lengths[:, None])).any():
     raise ValueError("pack needs right-padded examples (real tokens first in every row)")
-  row_of, col_of, used = np.zeros(b, np.int64), np.zeros(b, np.int64), []
-  for i in np.argsort(-lengths, kind="stable"):
-    row = next((r for r, u in enumerate(used) if u + lengths[i] <= t), len(used))
+  shared = groups is not None
+  units = _units(batch, lengths, t, groups, trunk_len)
+  layouts = [_lay_out(u, batch, lengths, trunk_len) for u in units]
+  sizes = np.array([len(lay[0]) for lay in layouts], np.int64)
+  row_of, col_of, used = np.zeros(len(units), np.int64), np.zeros(len(units), np.int64), []
+  for u in np.argsort(-sizes, kind="stable"):
+    row = next((r for r, n in enumerate(used) if n + sizes[u] <= t), len(used))
     if row == len(used):
       used.append(0)
-    row_of[i], col_of[i] = row, used[row]
-    used[row] += lengths[i]
+    row_of[u], col_of[u] = row, used[row]
+    used[row] += sizes[u]
   rows = -(-max(len(used), 1) // row_multiple) * row_multiple
   out = {"tokens": np.zeros((rows, t), batch["tokens"].dtype),
          "inject_items": np.full((rows, t), -1, batch["inject_items"].dtype),
          "attn_mask": np.zeros((rows, t), bool),
          "segment_ids": np.zeros((rows, t), np.int32)}
+  if shared:
+    out["positions"] = np.zeros((rows, t), np.int32)
+    out["branch_ids"] = np.zeros((rows, t), np.int32)
   seg_count = np.zeros(rows, np.int32)
-  for i in range(b):
-    r, c, n = row_of[i], col_of[i], lengths[i]
+  ntp_pos = np.zeros_like(batch["ntp_pos"], np.int64)
+  q_pos = np.zeros_like(batch["q_pos"], np.int64)
+  for u, (src, pos, branch, where) in enumerate(layouts):
+    r, c, n = row_of[u], col_of[u], sizes[u]
     seg_count[r] += 1
+    ex, tok = np.array(src, np.int64).T
     for k in ("tokens", "inject_items", "attn_mask"):
-      out[k][r, c:c + n] = batch[k][i, :n]
+      out[k][r, c:c + n] = batch[k][ex, tok]
     out["segment_ids"][r, c:c + n] = seg_count[r]
-  offset = (row_of * t + col_of)[:, None]  # [B, 1] flat index of each example's first token
+    if shared:
+      out["positions"][r, c:c + n] = pos
+      out["branch_ids"][r, c:c + n] = 0 if branch is None else branch
+    base = r * t + c  # flat index of the unit's first token
+    for i, own in where.items():
+      ntp_pos[i] = base + own[batch["ntp_pos"][i]]
+      q_pos[i] = base + own[batch["q_pos"][i]]
   for k in ("ntp_tgt", "ntp_w", "q_item", "hard"):
     out[k] = batch[k]
-  out["ntp_pos"] = (batch["ntp_pos"] + offset).astype(np.int32)
-  out["q_pos"] = (batch["q_pos"] + offset).astype(np.int32)
+  out["ntp_pos"] = ntp_pos.astype(np.int32)
+  out["q_pos"] = q_pos.astype(np.int32)
   return out

@@ -392,7 +392,7 @@ class Decoder(nnx.Module):
                inject_mask: jax.Array | None = None, positions: jax.Array | None = None,
                attn_mask: jax.Array | None = None, cache: KVCache | None = None,
                decode: bool = False, segment_ids: jax.Array | None = None,
-               shared: KVCache | None = None):
+               branch_ids: jax.Array | None = None, shared: KVCache | None = None):
     """Runs the decoder.
 
     Args:
@@ -408,6 +408,12 @@ class Decoder(nnx.Module):
         sequence contiguous and its tokens real; a token attends only to its own segment and its
         default position counts from its segment's first token. Padding (``attn_mask`` False)
         is never attended to by real tokens.
+      branch_ids: [B, T] int, with ``segment_ids``: branches of a segment that share its trunk.
+        Trunk tokens (branch 0) attend to earlier trunk tokens only; a token of branch k > 0
+        attends to the earlier trunk tokens and to its own branch. A segment laid out as trunk
+        part, branch 1, more trunk, branch 2, ... computes each branch exactly as the sequence
+        "trunk up to the branch, then the branch" would, given ``positions`` that continue each
+        branch from its trunk (``prompts.pack`` with shared histories).
       shared: with a cache, a prompt `KVCache` of P rows that B = P * beams rows share (row
         p*beams + j reads prompt p): every token also attends to the valid slots of its prompt,
         which come before all of `cache`'s slots. Beams then keep only their own tokens in
@@ -433,6 +439,8 @@ class Decoder(nnx.Module):
 
     if segment_ids is not None and cache is not None:
       raise ValueError("segment_ids (packed rows) cannot be used with a cache")
+    if branch_ids is not None and (segment_ids is None or positions is None):
+      raise ValueError("branch_ids need segment_ids and explicit positions")
     if cache is None:
       causal = jnp.tril(jnp.ones((t, t), bool))
       attend = causal[None] & mask[:, None, :]  # [B, T, T]
@@ -444,6 +452,9 @@ class Decoder(nnx.Module):
         same = seg[:, :, None] == seg[:, None, :]
         # Padding queries attend to earlier padding of their row, so no softmax row is empty.
         attend = causal[None] & same & (mask[:, None, :] | ~mask[:, :, None])
+        if branch_ids is not None:
+          br = branch_ids.astype(jnp.int32)
+          attend &= (br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])
       if positions is None:
         positions = rank
       for layer in self.layers:

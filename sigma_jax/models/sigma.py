@@ -46,7 +46,8 @@ class SigmaModel(nnx.Module):
     """v̂ of items from their frozen features: [..., F] -> [..., D] unit vectors."""
     return self.projfuse(feats)
 
-  def hidden(self, tokens, inject_items, attn_mask, feats, cache=None, segment_ids=None):
+  def hidden(self, tokens, inject_items, attn_mask, feats, cache=None, segment_ids=None,
+             branch_ids=None, positions=None):
     """Backbone over a prompt with ProjFuse vectors injected at `<item>` positions.
 
     Args:
@@ -54,6 +55,8 @@ class SigmaModel(nnx.Module):
       feats: [N, F] frozen item features (all items).
       cache: optional KV cache (prefill).
       segment_ids: optional [B, T] packed-row segments (`backbone.Decoder`).
+      branch_ids, positions: optional [B, T] branches sharing a trunk inside a segment and their
+        RoPE positions (`backbone.Decoder`).
 
     Returns:
       hidden [B, T, D] (and the cache when one is given).
@@ -61,7 +64,7 @@ class SigmaModel(nnx.Module):
     mask = inject_items >= 0
     v = self.projfuse.inject(self.projfuse(feats[jnp.maximum(inject_items, 0)]))  # [B, T, D]
     return self.backbone(tokens, inject=v, inject_mask=mask, attn_mask=attn_mask, cache=cache,
-                         segment_ids=segment_ids)
+                         segment_ids=segment_ids, branch_ids=branch_ids, positions=positions)
 
   def query(self, h: jax.Array) -> jax.Array:
     """Retrieval query from `<q>` hidden states: [..., D] -> [..., D] (unit vectors under
@@ -103,7 +106,8 @@ def sft_loss(model: SigmaModel, batch: dict, feats: jax.Array, mu: float,
     (loss, metrics): `ntp`, `id`, `id_acc` (the target beats every candidate), `ntp_acc`.
   """
   h = model.hidden(batch["tokens"], batch["inject_items"], batch["attn_mask"], feats,
-                   segment_ids=batch.get("segment_ids"))
+                   segment_ids=batch.get("segment_ids"), branch_ids=batch.get("branch_ids"),
+                   positions=batch.get("positions"))
   if "segment_ids" in batch:
     # Packed: [R, T, D] -> [1, R·T, D]; the indices [B, P] are flat, so gather as one row.
     h = h.reshape(1, -1, h.shape[-1])

@@ -30,8 +30,10 @@ from sigma_jax.train import optim, pretrain, tokenize
 
 MODES = ("sigma", "gr_sid", "gr_id")
 # JustForYou training layouts (sft.layout): one sequence per user with a loss at every history
-# position, or one example per history position (predicted where evaluation predicts).
-LAYOUTS = ("sequence", "per_position")
+# position; one example per history position (predicted where evaluation predicts); or the same
+# examples as per_position, batched user by user, with each user's history computed once for all
+# its positions (``prompts.pack`` with shared histories; the same per-example loss).
+LAYOUTS = ("sequence", "per_position", "one_pass")
 
 
 def uses_sequence_layout(cfg, mode: str) -> bool:
@@ -111,7 +113,8 @@ def task_list(spec: str):
 
 
 # The arrays of a packed batch that are [R, T] rows (the rest are per example).
-PACKED_ROW_KEYS = ("tokens", "inject_items", "attn_mask", "segment_ids")
+PACKED_ROW_KEYS = ("tokens", "inject_items", "attn_mask", "segment_ids", "positions",
+                   "branch_ids")
 
 
 @dataclasses.dataclass
@@ -121,6 +124,7 @@ class Example:
   target: int
   every_position: bool  # a target at every history item after the first (layout 'sequence')
   task: str
+  group: int = -1  # examples of one group have nested histories (layout 'one_pass'); -1: none
 
 
 def training_examples(cfg, ds: loader.Dataset, assets: Assets) -> tuple[list, dict]:
@@ -129,6 +133,7 @@ def training_examples(cfg, ds: loader.Dataset, assets: Assets) -> tuple[list, di
   examples, counts = [], {}
   every = uses_sequence_layout(cfg, assets.mode)
   h = int(cfg.dataset.max_history)
+  group_of = {}  # (user, first history position) -> group: its examples' histories are nested
   for name, ex in built.items():
     if name == "justforyou" and every:
       # One example per user: the last H+1 training items, every one after the first a target.
@@ -140,7 +145,11 @@ def training_examples(cfg, ds: loader.Dataset, assets: Assets) -> tuple[list, di
       continue
     ids = assets.tok.sp.encode(list(ex.instruction))
     for r in range(len(ex.target)):
-      examples.append(Example(ex.history[r], ids[r], int(ex.target[r]), False, name))
+      group = -1
+      if cfg.sft.layout == "one_pass":
+        key = (int(ex.user[r]), max(0, int(ex.position[r]) - h))
+        group = group_of.setdefault(key, len(group_of))
+      examples.append(Example(ex.history[r], ids[r], int(ex.target[r]), False, name, group))
     counts[name] = int(len(ex.target))
   if not examples:
     raise ValueError("no training examples for any task")
@@ -179,12 +188,22 @@ def make_batch(examples: list, idx: np.ndarray, assets: Assets, cfg, rng,
   pack = pack_multiple > 0
   build = slice(None) if pack else rows
   rand = rng.random((len(idx), max_q, num_hard))[build] if num_hard else None
-  arrays = prompts.stack([example_prompt(examples[i], assets) for i in np.asarray(idx)[build]])
+  chosen = [examples[i] for i in np.asarray(idx)[build]]
+  arrays = prompts.stack([example_prompt(ex, assets) for ex in chosen])
+  groups = trunk_len = None
+  if cfg.sft.layout == "one_pass":
+    if not pack:
+      raise ValueError("sft.layout='one_pass' needs sft.pack=True (its rows are packed)")
+    groups = np.array([ex.group for ex in chosen], np.int64)
+    # The history is everything before the instruction, which ends at the first <|end|>.
+    end = np.argmax(arrays["tokens"] == assets.tok.special[text.END], axis=1)
+    trunk_len = end - np.array([len(ex.instruction) for ex in chosen], np.int64)
   out = prompts.compact(arrays, max_q * max(1, assets.spec.prefix_len), max_q, num_hard,
                         assets.prefix_ids, assets.bucket_table, assets.bucket_sizes, rand)
   if not pack:
     return out
-  out = prompts.pack(out, math.lcm(int(pack_multiple), distributed.process_count()))
+  out = prompts.pack(out, math.lcm(int(pack_multiple), distributed.process_count()), groups,
+                     trunk_len)
   packed_rows = distributed.host_rows(len(out["tokens"]))
   return {k: v[packed_rows] if k in PACKED_ROW_KEYS else v[rows] for k, v in out.items()}
 
@@ -270,7 +289,7 @@ class Setup:
   schedule: optax.Schedule
   feats: jax.Array  # [N, F] ProjFuse inputs, replicated
   train_step: callable  # make_train_step's jitted step
-  order: object  # loader.index_batches: step -> example indices of the global batch
+  order: object  # loader.index_batches or grouped_batches: step -> the global batch's examples
   steps_per_epoch: int
   total_steps: int
   pack_multiple: int
@@ -319,6 +338,9 @@ def setup(cfg, workdir: str, mesh, ds: loader.Dataset | None = None,
   batch_sh = {k: parallel.batch_sharding(mesh, v.ndim, cfg.axis_rules) for k, v in sample.items()}
   train_step = make_train_step(graphdef, tx, float(s.mu), float(s.tau), mesh, cfg.axis_rules,
                                state_sh, batch_sh, str(s.id_negatives))
-  order = loader.index_batches(len(examples), batch_size, int(cfg.seed))
+  if s.layout == "one_pass":  # a group's examples side by side, so their histories are shared
+    order = loader.grouped_batches([ex.group for ex in examples], batch_size, int(cfg.seed))
+  else:
+    order = loader.index_batches(len(examples), batch_size, int(cfg.seed))
   return Setup(assets, examples, counts, mesh, graphdef, state, state_sh, tx, schedule, feats,
                train_step, order, steps_per_epoch, int(total_steps), packing, cfg)
