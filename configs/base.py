@@ -155,8 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sft.similarity = "cosine"
   c.sft.tasks = ""  # comma-separated tasks to train on; empty: every task the data allows
   # JustForYou's training layout: "sequence" (one sequence per user, a loss at every history
-  # position in one pass; fast) or "per_position" (one example per history position, each
-  # predicted after the instruction as evaluation does; slower, better: docs/RESULTS.md).
+  # position in one pass; fast), "per_position" (one example per history position, each
+  # predicted after the instruction as evaluation does; slower, better: docs/RESULTS.md) or
+  # "one_pass" (per_position's examples and per-example loss, batched user by user with each
+  # history computed once for all its positions; needs sft.pack).
   c.sft.layout = "sequence"
   c.sft.extra_features = ""  # comma-separated .npy [N, d] matrices for ProjFuse
   # Pack several examples to a row (attention kept inside each): the same loss over fewer rows.
