@@ -126,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.ground.encode_batch = 512
 
   # Task thresholds (sigma_jax/data/tasks.py documents each; its TASK_DEFAULTS, the library's
-  # defaults for callers without a config, equal these: tests/test_configs.py).
+  # defaults for callers without a config, equal these: tests/unit/test_config_defaults.py).
   c.tasks = ml_collections.ConfigDict()
   c.tasks.longtail_head_share = 0.8  # the head: most popular items covering this share
   c.tasks.holiday_days = 14  # a holiday window: this many days up to the holiday

@@ -12,7 +12,7 @@ import pytest
 
 from sigma_jax.generate import testing
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT as _ROOT
 
 TINY = ["--backbone=tiny", "--text_vocab=60", "--codebook=8", "--items=100", "--batches=1,2",
         "--num_beams=4", "--prompt_len=6", "--reps=2", "--ref_reps=1",

@@ -9,7 +9,7 @@ import pytest
 from configs import base
 from sigma_jax import pipeline, workdir as wd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
 
 
 def _train(workdir, *overrides, config="configs/demo.py"):
