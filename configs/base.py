@@ -96,7 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Optional stage `pretrain` (not in the default stages): causal LM over item texts and templates.
   c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.use = "auto"  # auto: ground and sft start from WORKDIR/pretrain when it exists
+  # auto: ground (and sft, with sft.init="auto") start from WORKDIR/pretrain when it exists;
+  # always: an error when it does not; never: they start fresh.
+  c.pretrain.use = "auto"
   c.pretrain.steps = 1000
   c.pretrain.batch_size = 64
   c.pretrain.max_len = 48  # tokens per text, <|end|> included
@@ -161,6 +163,13 @@ def base_config() -> ml_collections.ConfigDict:
   # history computed once for all its positions; needs sft.pack).
   c.sft.layout = "sequence"
   c.sft.extra_features = ""  # comma-separated .npy [N, d] matrices for ProjFuse
+  # Where the SFT backbone starts: "auto" (the behaviour before this option: the pretrain
+  # stage's decoder when pretrain.use finds one, otherwise fresh), "pretrain" (the pretrain
+  # stage's decoder; an error when that stage has not run), "scratch" (fresh, even after
+  # pretrain) or "grounded" (the ground stage's text tower, DESIGN §2: its layers, norms and the
+  # SentencePiece rows of the embedding; SID rows, ProjFuse and q_proj start fresh). The
+  # default is to be chosen on Beauty's validation split.
+  c.sft.init = "auto"
   # Pack several examples to a row (attention kept inside each): the same loss over fewer rows.
   # It changes how fast a step runs, not what it computes, so it is not part of a run's recipe.
   c.sft.pack = True
