@@ -183,6 +183,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.generation.top_n = 20  # N, the recommendation list
   c.generation.fuse = True  # APF; False: the un-fused ranking (ablation)
   c.generation.apf_tau = 0.01  # τ of APF: item logits are cos · σ(φ) / τ
+  # > 0: APF with this constant σ for every query instead of the adaptive std(φ) (the
+  # sigma_fixed_fusion ablation; only σ/τ matters, so its row sweeps τ at σ = 1). 0: adaptive.
+  c.generation.apf_fixed_sigma = 0.0
   c.generation.eval_batch = 64
   c.generation.eval_tasks = ""  # comma-separated tasks to evaluate; empty: every available
   c.generation.eval_limit = 0  # evaluate at most this many examples per task and split; 0: all
@@ -243,6 +246,9 @@ ROW_VARIANTS = {
     "sigma_no_grounding": {"tokenizer.source": "raw"},
     # sigma's model ranked without APF (launch.compare reuses sigma's SFT for it).
     "sigma_no_apf": {"generation.fuse": False},
+    # sigma's model, APF with a constant σ instead of the adaptive one (sigma's SFT reused);
+    # launch.compare chooses the constant σ/τ on validation (--fixed_sigma_taus).
+    "sigma_fixed_fusion": {"generation.apf_fixed_sigma": 1.0},
 }
 VARIANTS = ("tiny",) + tuple(ROW_VARIANTS)
 

@@ -97,6 +97,14 @@ def validate(cfg, stages, workdir: str | None = None, devices=None) -> None:
     raise ValueError("pretrain.use='always' but the 'pretrain' stage is neither in "
                      "config.stages nor done in the work directory")
   _check_sft_init(cfg, stages, workdir)
+  fixed = float(cfg.generation.apf_fixed_sigma)
+  if fixed < 0:
+    raise ValueError(f"generation.apf_fixed_sigma={fixed} is negative; 0 is the adaptive σ, "
+                     "> 0 a fixed one")
+  if fixed > 0 and not (cfg.generation.fuse and cfg.generation.mode == "sigma"):
+    raise ValueError(f"generation.apf_fixed_sigma={fixed} fixes APF's σ, but APF does not run "
+                     f"(generation.fuse={cfg.generation.fuse}, generation.mode="
+                     f"{cfg.generation.mode!r})")
   check_beams(cfg.generation, cfg.tokenizer)
   # Device-dependent checks only for the stages that will shard a batch.
   if {"pretrain", "ground", "sft"} & set(stages):
