@@ -85,8 +85,8 @@ def test_grounded_shape_mismatch_is_named(demo_workdir):
   mesh = parallel.make_mesh(cfg.mesh)
   assets = sft.load_assets(cfg, demo_workdir)
   with pytest.raises(ValueError, match=r"text tower .* parameter \['layers'\]\[0\]\['mlp'\]"
-                                       r"\['down'\]\.value has shape \(64, 32\); this model's "
-                                       r"is \(128, 32\)"):
+                                       r"\['gate'\]\.value has shape \(32, 64\); this model's "
+                                       r"is \(32, 128\)"):
     sft.init_state(cfg, assets, mesh, 10, demo_workdir)
 
 
