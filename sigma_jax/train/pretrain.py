@@ -18,14 +18,14 @@ Outputs under ``workdir/pretrain/``:
   report.json    held-out LM loss before and after, steps, corpus size
 
 Which later stages use it is ``pretrain.use``: ``auto`` (whenever ``backbone/`` exists),
-``always`` (an error when it does not) or ``never``.
+``always`` (an error when it does not) or ``never``; for SFT only under ``sft.init='auto'``
+(``'pretrain'`` always loads it, ``'scratch'`` and ``'grounded'`` never do).
 """
 from __future__ import annotations
 
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
