@@ -8,6 +8,7 @@ grounded item embeddings. Artifacts in ``WORKDIR/ground``: ``item_text_emb.npy``
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
@@ -132,11 +133,13 @@ def tower_shape_mismatches(model_cfg, recipe: dict) -> list[str]:
 
 
 def load_tower_backbone(cfg, workdir: str, spm_size: int, mesh) -> tuple[nnx.State, int]:
-  """The ground stage's text-tower decoder, as trained: the parameters of its last checkpoint
-  (the end of training; ``item_text_emb.npy`` holds the embeddings of the best-validation step).
+  """The ground stage's text-tower decoder: the one behind ``item_text_emb.npy``.
 
-  The tower is rebuilt with the model fields of the stage's recipe, so a tower of another shape
-  than ``cfg.model`` still loads (and the caller's shape check names the difference).
+  That is ``WORKDIR/ground/tower`` at the stage's best-validation step. A ground stage run
+  before ``tower/`` was written has only its training checkpoint: the tower at the end of
+  training is used then (a warning says so). The tower is rebuilt with the model fields of the
+  stage's recipe, so a tower of another shape than ``cfg.model`` still loads (and the caller's
+  shape check names the difference).
 
   Args:
     cfg: the run's config (its ``model`` fills fields the recipe lacks).
@@ -145,14 +148,13 @@ def load_tower_backbone(cfg, workdir: str, spm_size: int, mesh) -> tuple[nnx.Sta
     mesh: where the restored arrays go (sharded by their logical axes).
 
   Returns:
-    (the tower's ``backbone`` parameter State, the checkpoint's step).
+    (the tower's ``backbone`` parameter State, the step it was saved at).
   """
   recipe = tower_recipe(workdir)
   mcfg = _model_cfg(cfg, spm_size)
   for f in SHAPE_FIELDS:
     if f"model.{f}" in recipe:
       mcfg[f] = recipe[f"model.{f}"]
-  g = cfg.ground
   emb = np.load(wd.require(workdir, wd.GROUND_TEXT_EMB, "ground"), mmap_mode="r")
   rules = cfg.axis_rules
   abstract = nnx.split(nnx.eval_shape(
@@ -160,6 +162,18 @@ def load_tower_backbone(cfg, workdir: str, spm_size: int, mesh) -> tuple[nnx.Sta
   param_sh = parallel.state_shardings(abstract, mesh, rules)
   params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                         abstract, param_sh)
+  tower_dir = wd.path(workdir, wd.GROUND_TOWER)
+  if os.path.isdir(tower_dir):
+    best = utils.read_json(wd.done_marker(workdir, "ground")).get("best_step")
+    with checkpoint.Checkpointer(tower_dir, max_to_keep=1, async_save=False) as ckpt:
+      if best is None or int(best) not in ckpt.all_steps():
+        raise FileNotFoundError(f"{tower_dir} lacks the best step {best} of the ground stage "
+                                f"(it has {ckpt.all_steps()}); re-run the 'ground' stage")
+      step, state, _ = ckpt.restore(params["backbone"], step=int(best))
+    return state, int(step)
+  logging.warning("%s is missing (a ground stage run before it was written): starting from the "
+                  "tower at the end of grounding, not at its best-validation step", tower_dir)
+  g = cfg.ground
   tx, _ = optim.make_optimizer(g.learning_rate, g.warmup_steps, max(1, int(g.steps)),
                                g.weight_decay)
   opt_sh = parallel.optimizer_shardings(tx, params, param_sh, mesh)

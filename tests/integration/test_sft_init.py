@@ -1,7 +1,9 @@
 """sft.init: where the SFT backbone starts. 'grounded' copies the ground stage's text tower (the
 backbone is the text tower, DESIGN §2); the choice is part of the sft stage's recipe."""
 import json
+import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -39,7 +41,9 @@ def test_grounded_init_is_the_text_tower(demo_workdir):
   _, fresh = sft.build_model(cfg, assets, mesh)
   _, state, *_ = sft.init_state(cfg, assets, mesh, 10, demo_workdir)
   tower, step = ground.load_tower_backbone(cfg, demo_workdir, spm, mesh)
-  assert step == cfg.ground.steps  # the tower at the end of grounding
+  # The tower behind item_text_emb.npy: the ground stage's best-validation step.
+  with open(wd.done_marker(demo_workdir, "ground")) as f:
+    assert step == json.load(f)["best_step"]
   got, want, init = (_flat(state["params"]["backbone"]), _flat(tower),
                      _flat(fresh["backbone"]))
   assert set(got) == set(want)  # tied embeddings: no head outside the tower
@@ -57,6 +61,25 @@ def test_grounded_init_is_the_text_tower(demo_workdir):
   for part in ("projfuse", "q_proj"):
     for name, x in _flat(fresh[part]).items():
       np.testing.assert_array_equal(_flat(state["params"][part])[name], x)
+
+
+@pytest.mark.slow
+def test_ground_stage_without_tower_dir_falls_back_to_its_last_checkpoint(demo_workdir,
+                                                                          tmp_path, caplog):
+  """A ground stage run before ground/tower existed: its training checkpoint's tower (in the
+  demo run the best step is the last, so both are the same weights)."""
+  cfg = _cfg()
+  mesh = parallel.make_mesh(cfg.mesh)
+  src = wd.stage_dir(demo_workdir, "ground")
+  assert os.path.isdir(wd.path(demo_workdir, wd.GROUND_TOWER))
+  shutil.copytree(src, tmp_path / "ground", ignore=shutil.ignore_patterns("tower"))
+  spm = sft.load_assets(cfg, demo_workdir).tok.spm_size
+  best, _ = ground.load_tower_backbone(cfg, demo_workdir, spm, mesh)
+  with caplog.at_level(logging.WARNING):
+    last, step = ground.load_tower_backbone(cfg, str(tmp_path), spm, mesh)
+  assert step == cfg.ground.steps and "not at its best-validation step" in caplog.text
+  for name, x in _flat(best).items():
+    np.testing.assert_array_equal(_flat(last)[name], x)
 
 
 @pytest.mark.slow
