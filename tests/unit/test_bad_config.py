@@ -38,6 +38,9 @@ def test_shipped_configs_are_valid(module, arg):
     (dict(sft__layout="rows"), r"sft\.layout must be one of .* got 'rows'"),
     (dict(sft__layout="one_pass", sft__pack=False), r"one_pass.*needs sft\.pack=True"),
     (dict(sft__init="warm"), r"sft\.init must be one of .* got 'warm'"),
+    (dict(generation__apf_fixed_sigma=-1.0), r"generation\.apf_fixed_sigma=-1\.0 is negative"),
+    (dict(generation__apf_fixed_sigma=1.0, generation__fuse=False),
+     r"apf_fixed_sigma=1\.0 fixes APF's σ, but APF does not run \(generation\.fuse=False"),
     # The default stages leave the optional pretrain stage out.
     (dict(sft__init="pretrain"), r"sft\.init='pretrain' starts SFT from the 'pretrain' stage, "
                                  r"which is neither in config\.stages nor done"),
