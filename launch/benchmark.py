@@ -9,6 +9,9 @@ Subcommands (add one by writing a `_<name>(argv) -> dict` function and listing i
 `SUBCOMMANDS`; flags are absl flags shared by all subcommands, each documented with the one
 that reads it):
 
+`sft_layouts` (docs/PERFORMANCE.md "One-pass SFT"): per-position vs one-pass SFT batches:
+rows and real tokens per epoch, and step time; see `_sft_layouts`.
+
 `sft_step` (docs/PERFORMANCE.md "SFT sequence packing"): one SFT training step, unpacked vs
 packed (`sft.pack`), on a config's real data and a work directory's finished stages; see
 `_sft_step`.
@@ -67,6 +70,7 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
+import tqdm
 
 _BACKBONE = flags.DEFINE_string("backbone", "small", "decode: backbone size in configs/base.py.")
 _TEXT_VOCAB = flags.DEFINE_integer("text_vocab", 4000, "decode: text tokens before SID tokens.")
@@ -101,6 +105,8 @@ _WORKDIR = _shared_flag("workdir", flags.DEFINE_string, None, "sft_step: a work 
                         "stages before sft are done (its tokenizer, SIDs and item features).")
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 20,
                                     "sft_step: timed training steps per layout.")
+_EPOCH_BATCHES = flags.DEFINE_integer("epoch_batches", 0, "sft_layouts: batches built on the "
+                                      "host to count rows and tokens (0: the whole epoch).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,8 +383,78 @@ def _sft_step(argv: Sequence[str]) -> dict:
       wall_s=time.perf_counter() - t_start)
 
 
+def _sft_layouts(argv: Sequence[str]) -> dict:
+  """The `sft_layouts` benchmark: per-position vs one-pass SFT (`sft.layout`), both packed.
+
+  The two layouts train on the same examples with the same per-example loss
+  (tests/integration/test_one_pass.py); one-pass puts a user's positions in one batch and
+  computes their shared history once. Reported per layout: over one whole epoch (every batch
+  built on the host, or the first `--epoch_batches`), rows and real (non-padding) tokens; then
+  the median jitted step time over the first `--timed_steps` batches, the two layouts timed
+  alternately batch by batch from fresh states after an untimed pass that compiles every shape.
+  """
+  del argv
+  import jax
+  import numpy as np
+  from sigma_jax import parallel
+  from sigma_jax.data import loader
+  from sigma_jax.train import sft
+  cfg, workdir = _CONFIG(), _WORKDIR()
+  if cfg is None or not workdir:
+    raise app.UsageError("sft_layouts needs --config=configs/<name>.py and --workdir=<run>")
+  t_start = time.perf_counter()
+  ds = loader.load_dataset(cfg, workdir)
+  mesh = parallel.make_mesh(cfg.mesh)
+  cfg.sft.pack = True
+  lays = {}
+  for layout in ("per_position", "one_pass"):
+    cfg.sft.layout = layout
+    run = sft.setup(cfg, workdir, mesh, ds=ds, total_steps=1000)
+    n = len(run.order) if _EPOCH_BATCHES.value <= 0 else min(_EPOCH_BATCHES.value, len(run.order))
+    rows = tokens = 0
+    t0 = time.perf_counter()
+    for i in tqdm.tqdm(range(n), desc=f"{layout}: host batches", leave=False):
+      b = run.host_batch(i)
+      rows += len(b["tokens"])
+      tokens += int(b["attn_mask"].sum())
+    build_ms = 1e3 * (time.perf_counter() - t0) / n
+    timed = range(min(_TIMED_STEPS.value, n))
+    batches = [parallel.shard_batch(run.host_batch(i), mesh, cfg.axis_rules) for i in timed]
+    state = run.state
+    fresh = jax.tree.map(np.asarray, state)
+    for b in batches:  # compile every packed row count
+      state, m = run.train_step(state, b, run.feats)
+    jax.block_until_ready(m)
+    lays[layout] = dict(run=run, batches=batches, fresh=fresh, times=[],
+                        stats=dict(examples=len(run.examples), batches=n, rows=rows,
+                                   real_tokens=tokens, rows_per_batch=rows / n,
+                                   real_tokens_per_batch=tokens / n, host_build_ms=build_ms))
+  for lay in lays.values():
+    lay["state"] = jax.device_put(lay["fresh"], lay["run"].state_sh)
+  for i in range(len(timed)):
+    for lay in lays.values():
+      t0 = time.perf_counter()
+      lay["state"], m = lay["run"].train_step(lay["state"], lay["batches"][i], lay["run"].feats)
+      jax.block_until_ready(m)
+      lay["times"].append(time.perf_counter() - t0)
+  out = {}
+  for name, lay in lays.items():
+    out[name] = dict(lay["stats"], ms_per_step=1e3 * statistics.median(lay["times"]))
+  pp, op = out["per_position"], out["one_pass"]
+  return dict(
+      benchmark="sft_layouts",
+      setting=dict(workdir=workdir, dataset=str(cfg.dataset.name), batch_size=int(cfg.sft.batch_size),
+                   max_len=int(cfg.sft.max_len), timed_steps=len(timed)),
+      machine=machine_info(), per_position=pp, one_pass=op,
+      token_ratio=pp["real_tokens_per_batch"] / op["real_tokens_per_batch"],
+      row_ratio=pp["rows_per_batch"] / op["rows_per_batch"],
+      step_speedup=pp["ms_per_step"] / op["ms_per_step"],
+      wall_s=time.perf_counter() - t_start)
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], dict]] = {"decode": _decode,
-                                                           "sft_step": _sft_step}
+                                                           "sft_step": _sft_step,
+                                                           "sft_layouts": _sft_layouts}
 
 
 def main(argv):
