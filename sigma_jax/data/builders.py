@@ -179,4 +179,4 @@ def load(name: str, tfds_dir: str, fmt: str = "") -> raw.RawDataset:
     has_ts = has_ts or len(ts) > 0
     users.append(raw.User(raw_id=_text(r["raw_id"]), items=np.asarray(r["items"], np.int64),
                           timestamps=ts if len(ts) else None, profile=_text(r["profile"])))
-  return raw.RawDataset(name, items, users, has_timestamps=has_ts)
+  return raw.RawDataset(name, items, users, has_timestamps=has_ts, format=builder.FORMAT)

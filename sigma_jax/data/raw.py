@@ -52,6 +52,7 @@ class RawDataset:
   items: list  # list[Item], position = item index
   users: list  # list[User], position = user index
   has_timestamps: bool
+  format: str = ""  # the file format it was read from (a key of FORMATS)
 
   @property
   def num_interactions(self) -> int:
@@ -161,7 +162,7 @@ def parse_amazon_p5(manual_dir: str, name: str = "beauty") -> RawDataset:
     users.append(User(raw_id=parts[0], items=seq))
   if not users:
     raise DataError(seq_path, None, "no users")
-  return RawDataset(name, items, users, has_timestamps=False)
+  return RawDataset(name, items, users, has_timestamps=False, format="amazon_p5")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def parse_unisrec(manual_dir: str, name: str = "scientific") -> RawDataset:
       raise DataError(prefix + ".valid.inter", None,
                       f"user index {u}: validation target disagrees with the test history")
     users.append(User(raw_id=users_by_index[u], items=np.array(hist + [target], np.int64)))
-  return RawDataset(name, items, users, has_timestamps=False)
+  return RawDataset(name, items, users, has_timestamps=False, format="unisrec")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +387,7 @@ def parse_movielens(manual_dir: str, name: str = "movielens") -> RawDataset:
                       timestamps=np.array([t for t, _ in evs], np.int64)))
   if not users:
     raise DataError(ratings_path, None, "no ratings")
-  return RawDataset(name, items, users, has_timestamps=True)
+  return RawDataset(name, items, users, has_timestamps=True, format="movielens")
 
 
 # File format -> parser(manual_dir, name) -> RawDataset. A new format is one parser here.

@@ -8,7 +8,7 @@ import pytest
 
 from configs import demo
 from sigma_jax import pipeline, utils, workdir as wd
-from sigma_jax.data import builders, raw
+from sigma_jax.data import builders, raw, tasks
 
 _ML_HEADERS = {"ratings.csv": "userId,movieId,rating,timestamp",
                "movies.csv": "movieId,title,genres",
@@ -52,6 +52,15 @@ def test_movielens_with_and_without_header_rows(tmp_path, data_root):
   # Titles with a comma are quoted in movies.csv and come back whole.
   assert any("," in it.title for it in a.items)
   assert all(it.category_path or it.title for it in a.items)
+
+
+def test_movielens_files_under_a_new_name_keep_their_genres(tmp_path, data_root):
+  """Genres are categories by format, not by name: a new name reads them the same way."""
+  d = _ml_sample(data_root, str(tmp_path / "ml"))
+  mine, known = raw.parse("my_movies", d, "movielens"), raw.parse("movielens", d)
+  assert mine.name == "my_movies" and mine.format == "movielens"
+  assert (tasks.primary_category(mine) == tasks.primary_category(known)).all()
+  assert len(tasks.item_categories(mine)[0]) < 30  # genres, not 'A > B' paths
 
 
 def test_movielens_wrong_header_is_named(tmp_path, data_root):
