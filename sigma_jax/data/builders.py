@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from sigma_jax.data import raw
 
-# Per file format (a key of raw.FORMATS): where the original data come from.
+# Per file format (a key of raw.FORMATS): where the original data come from (optional).
 _HOMEPAGES = {
     "amazon_p5": "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html",
     "unisrec": "https://nijianmo.github.io/amazon/index.html",
@@ -54,7 +54,8 @@ class _SigmaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   @property
   def MANUAL_DOWNLOAD_INSTRUCTIONS(self):  # noqa: N802 (TFDS's name)
-    return _INSTRUCTIONS[self.FORMAT]
+    return _INSTRUCTIONS.get(self.FORMAT, f"Put the files of format {self.FORMAT!r} in the "
+                             "manual directory (docs/DATASETS.md).")
 
   def _info(self) -> tfds.core.DatasetInfo:
     stats = self._parsed.stats() if self._parsed is not None else {}
@@ -80,7 +81,7 @@ class _SigmaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "text": tfds.features.Text(),
             }),
         }),
-        homepage=_HOMEPAGES[self.FORMAT],
+        homepage=_HOMEPAGES.get(self.FORMAT, ""),
         disable_shuffling=True,  # records stay in index order
         metadata=tfds.core.MetadataDict(stats=stats),
     )
