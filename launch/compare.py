@@ -12,8 +12,9 @@ in WORKDIR; each row's own stages run in WORKDIR/rows/<row>, which links the sha
 APF's τ is chosen per row on the validation split (`--taus`); test is evaluated once, with the
 chosen τ. Writes WORKDIR/results/<dataset>.json and .md (--out=docs/results updates the
 committed tables). Without --out, existing tables there are never replaced unless --overwrite
-says so: the command stops before any work. Resumable like launch.train: finished stages and rows are skipped. The work
-is sigma_jax/experiment.py's (running rows) and sigma_jax/eval/compare.py's (tables).
+says so: the command stops before any work. Resumable like launch.train: finished stages and
+rows are skipped. The work is sigma_jax/experiment.py's (running rows) and
+sigma_jax/eval/compare.py's (tables).
 """
 import os
 import sys

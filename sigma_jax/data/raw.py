@@ -111,7 +111,7 @@ def _check_no_duplicate(path: str, line: int, seen: dict, key, what: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Format amazon_p5 (Amazon 2014 Beauty as TIGER/P5 publish it): user_sequence.txt + item_meta.json
+# Format amazon_p5 (Amazon 2014 Beauty as TIGER/P5 publish it): user_sequence.txt, item_meta.json
 
 
 def parse_amazon_p5(manual_dir: str, name: str = "beauty") -> RawDataset:
@@ -308,7 +308,7 @@ def _csv_rows(path: str, header: str) -> Iterator[tuple[int, list]]:
       if line.strip() == header:
         continue
       first = line.split(",", 1)[0].strip()
-      if not first.lstrip("-").isdigit():
+      if line.strip() and not first.lstrip("-").isdigit():
         raise DataError(path, n, f"expected the header {header!r} or a data row, got "
                         f"{line[:60]!r}")
     if not line.strip():
