@@ -139,8 +139,8 @@ TEMPLATES = {
 _PLACEHOLDER = {"query": "query", "category": "category", "season": "season",
                 "holiday": "holiday"}
 
-# Datasets whose `category_path` is a set of genres, not a hierarchy.
-_GENRE_DATASETS = ("movielens", "demo")
+# File formats whose `category_path` is a set of genres, not a hierarchy.
+_GENRE_FORMATS = ("movielens",)
 
 
 def all_template_texts() -> list:
@@ -241,7 +241,7 @@ def item_categories(dataset) -> tuple:
 
 
 def _item_category_names(data) -> list:
-  if data.name in _GENRE_DATASETS:
+  if data.format in _GENRE_FORMATS:
     return [list(dict.fromkeys(it.category_path)) for it in data.items]
   return [[" > ".join(it.category_path)] if it.category_path else [] for it in data.items]
 

@@ -116,8 +116,10 @@ def model_row(res: dict, per_task: bool) -> dict:
 
 
 def is_per_task(cfg) -> bool:
-  """Whether the tables report every task (MovieLens, demo) or JustForYou alone."""
-  return bool(cfg.dataset.name in ("movielens", "demo"))
+  """Whether the tables report every task (format movielens: MovieLens, the demo) or
+  JustForYou alone (the Amazon formats)."""
+  from sigma_jax.data import raw
+  return raw.resolve_format(cfg.dataset.name, cfg.dataset.format) == "movielens"
 
 
 def result(cfg, workdir: str, rows: dict, timing: dict, command: str) -> dict:
@@ -161,13 +163,31 @@ def report(cfg, result_: dict) -> str:
           paired_markdown(result_["paired_vs_sigma"]))
 
 
-def write(cfg, result_: dict, out_dir: str) -> str:
-  """Writes OUT_DIR/<dataset>.json and .md; returns the Markdown."""
-  name = cfg.dataset.name
+def output_paths(cfg, out_dir: str) -> tuple[str, str]:
+  """OUT_DIR/<dataset>.json and OUT_DIR/<dataset>.md."""
+  return tuple(os.path.join(out_dir, f"{cfg.dataset.name}.{ext}") for ext in ("json", "md"))
+
+
+def check_overwrite(cfg, out_dir: str, overwrite: bool) -> None:
+  """Raises FileExistsError if a table ``write`` would replace exists and ``overwrite`` is off."""
+  if overwrite:
+    return
+  existing = [p for p in output_paths(cfg, out_dir) if os.path.exists(p)]
+  if existing:
+    raise FileExistsError(f"{existing[0]} already exists and would be overwritten; pass "
+                          "--overwrite to replace it, or --out=DIR to write the tables to DIR "
+                          "(--out=docs/results replaces the committed ones)")
+
+
+def write(cfg, result_: dict, out_dir: str, overwrite: bool = True) -> str:
+  """Writes OUT_DIR/<dataset>.json and .md; returns the Markdown. With ``overwrite`` off an
+  existing table is an error (``check_overwrite``)."""
+  check_overwrite(cfg, out_dir, overwrite)
   md = report(cfg, result_)
   os.makedirs(out_dir, exist_ok=True)
-  utils.write_json(os.path.join(out_dir, f"{name}.json"), result_)
-  utils.write_bytes(os.path.join(out_dir, f"{name}.md"), md.encode())
+  json_path, md_path = output_paths(cfg, out_dir)
+  utils.write_json(json_path, result_)
+  utils.write_bytes(md_path, md.encode())
   return md
 
 

@@ -286,3 +286,25 @@ def test_launch_compare_rows_come_from_the_configs(tmp_path, monkeypatch):
   run_cli()  # no --out: the work directory's results/, not docs/results
   assert utils.read_json(str(tmp_path / "w" / "results" / "demo.json"))["rows"]["sigma"]
   assert (os.path.getmtime(committed) if os.path.exists(committed) else None) == before
+
+  # Without --out an existing table is never replaced (the rows do not even run) ...
+  seen.clear()
+  with pytest.raises(SystemExit, match=r"results/demo\.json already exists .* --overwrite"):
+    run_cli()
+  assert not seen
+  # ... unless --overwrite or an explicit --out says so.
+  run_cli("--overwrite")
+  assert seen["rows"] == ["sigma"]
+  run_cli(f"--out={tmp_path}/out")
+
+
+def test_write_refuses_to_overwrite(tmp_path):
+  """compare.write with overwrite=False leaves an existing table as it is."""
+  from configs import demo
+
+  cfg = demo.get_config()
+  (tmp_path / "demo.json").write_text("{}")
+  result = {"rows": {}, "paired_vs_sigma": {"rows": {}, "missing": []}}
+  with pytest.raises(FileExistsError, match="demo.json already exists"):
+    compare.write(cfg, result, str(tmp_path), overwrite=False)
+  assert (tmp_path / "demo.json").read_text() == "{}"
