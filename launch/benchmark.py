@@ -443,8 +443,9 @@ def _sft_layouts(argv: Sequence[str]) -> dict:
   pp, op = out["per_position"], out["one_pass"]
   return dict(
       benchmark="sft_layouts",
-      setting=dict(workdir=workdir, dataset=str(cfg.dataset.name), batch_size=int(cfg.sft.batch_size),
-                   max_len=int(cfg.sft.max_len), timed_steps=len(timed)),
+      setting=dict(workdir=workdir, dataset=str(cfg.dataset.name),
+                   batch_size=int(cfg.sft.batch_size), max_len=int(cfg.sft.max_len),
+                   timed_steps=len(timed)),
       machine=machine_info(), per_position=pp, one_pass=op,
       token_ratio=pp["real_tokens_per_batch"] / op["real_tokens_per_batch"],
       row_ratio=pp["rows_per_batch"] / op["rows_per_batch"],
