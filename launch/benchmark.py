@@ -101,6 +101,13 @@ _WORKDIR = _shared_flag("workdir", flags.DEFINE_string, None, "sft_step: a work 
                         "stages before sft are done (its tokenizer, SIDs and item features).")
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 20,
                                     "sft_step: timed training steps per layout.")
+_PROFILE_ITEMS = flags.DEFINE_integer("profile_items", 12_101,
+                                      "profile: synthetic catalogue size (Beauty: 12,101).")
+_HISTORY = flags.DEFINE_integer("history", 20, "profile: history items per evaluation prompt; "
+                                "SFT examples draw 1..history.")
+_MATMUL_SIZES = flags.DEFINE_list("matmul_sizes", [], "profile: MxKxN matmul shapes of the "
+                                  "FLOP/s roofline; default [B*T, d] x [d, 4d], its transpose "
+                                  "and 1024^3, 2048^3.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +384,89 @@ def _sft_step(argv: Sequence[str]) -> dict:
       wall_s=time.perf_counter() - t_start)
 
 
+def _profile(argv: Sequence[str]) -> dict:
+  """The `profile` benchmark: MFU of SFT and decoding, evaluation users/s and where the time
+  goes, in one run on synthetic data (module docstring)."""
+  del argv
+  import numpy as np
+
+  from configs import beauty
+  from sigma_jax import parallel, profile
+  from sigma_jax.generate import testing
+  from sigma_jax.train import sft
+  t_start = time.perf_counter()
+  cfg = _CONFIG() if _CONFIG() is not None else beauty.get_config()
+  reps, seed, items, hist = _REPS.value, _SEED.value, _PROFILE_ITEMS.value, _HISTORY.value
+  mesh = parallel.make_mesh(cfg.mesh)
+  m = cfg.model
+  rows = int(cfg.sft.batch_size) * int(cfg.sft.max_len)
+  d = int(m.d_model)
+  shapes = ([tuple(int(x) for x in s.split("x")) for s in _MATMUL_SIZES.value] or
+            [(rows, d, 4 * d), (rows, 4 * d, d), (1024, 1024, 1024), (2048, 2048, 2048)])
+  roof = profile.matmul_flops_per_s(shapes, max(3, reps))
+  peak = roof["best"]
+  logging.info("matmul roofline: %.3g FLOP/s", peak)
+
+  assets = profile.synthetic_assets(cfg, items, seed)
+  train_ex = profile.synthetic_examples(assets, int(cfg.sft.batch_size) * (reps + 1), hist, seed)
+  s = profile.profile_sft(cfg, assets, mesh, train_ex, reps, seed)
+  sft_flops_per_s = s["flops"]["train_step"] / s["seconds"]["train_step"]
+  logging.info("sft step: %.1f ms, %.3g FLOP/s", 1e3 * s["seconds"]["train_step"],
+               sft_flops_per_s)
+
+  batch = int(cfg.generation.eval_batch)
+  eval_ex = profile.synthetic_examples(assets, batch, hist, seed + 1, fixed_length=True)
+  e = profile.profile_eval(cfg, assets, s["graphdef"], s["state"]["params"], eval_ex, reps)
+  users_per_s = batch / e["seconds"]["recommend"]
+  logging.info("eval batch: %.1f ms, %.1f users/s", 1e3 * e["seconds"]["recommend"], users_per_s)
+
+  levels, c = int(cfg.tokenizer.levels), int(cfg.tokenizer.codebook_size)
+  dm = sft.model_config(cfg, assets)
+  sizes = (c,) * levels
+  offsets = tuple(int(assets.tok.sid_token(l, 0)) for l in range(levels))
+  sids = testing.synthetic_sids(np.random.default_rng(seed), items, sizes)
+  k = int(cfg.generation.num_beams)
+  dec = profile.profile_decode(dm, sids, sizes, offsets, batch, _PROMPT_LEN.value, k, reps,
+                               seed)
+  decode_s = dec["seconds"]["prefill"] + dec["seconds"]["search"]
+  decode_flops_per_s = dec["flops"]["total"] / decode_s
+
+  return dict(
+      benchmark="profile",
+      setting=dict(
+          config="configs/beauty.py" if _CONFIG() is None else "--config",
+          backbone=str(m.size), d_model=d, layers=int(m.num_layers),
+          vocab_size=int(dm.vocab_size), items=items, levels=levels, codebook_size=c,
+          prefix_len=int(cfg.tokenizer.prefix_len), num_beams=k, history=hist,
+          sft_batch=s["batch_size"], sft_packed_rows=s["rows"], sft_max_len=int(cfg.sft.max_len),
+          sft_layout="per_position (synthetic: histories of 1..history items)",
+          id_negatives=str(cfg.sft.id_negatives), eval_batch=batch,
+          decode_prompt_len=_PROMPT_LEN.value, reps=reps, seed=seed,
+          data="synthetic: random SIDs, unit features, hashed instruction words, random "
+               "histories; random-init (SFT) and briefly trained (eval) weights",
+          flops="analytic model FLOPs (sigma_jax/profile.py): real tokens, causal attention, "
+                "train step = 3 x forward"),
+      machine=machine_info(),
+      matmul_flops_per_s=peak,
+      matmul_flops_per_s_by_shape=roof["by_shape"],
+      mfu_sft=sft_flops_per_s / peak,
+      sft_flops_per_s=sft_flops_per_s,
+      sft_flops_per_step=s["flops"]["train_step"],
+      sft_forward_flops_by_part=s["flops"]["forward"],
+      sft_tokens_per_s=s["flops"]["tokens"] / s["seconds"]["train_step"],
+      mfu_decode=decode_flops_per_s / peak,
+      decode_flops_per_s=decode_flops_per_s,
+      decode_flops=dec["flops"],
+      mfu_eval=e["flops"]["total"] / e["seconds"]["generate"] / peak,
+      eval_flops=e["flops"],
+      eval_users_per_s=users_per_s,
+      eval_parts_agree=e["parts_agree"],
+      wall_time_s_by_part=dict(sft=s["seconds"], eval=e["seconds"], decode=dec["seconds"]),
+      wall_s=time.perf_counter() - t_start)
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], dict]] = {"decode": _decode,
+                                                           "profile": _profile,
                                                            "sft_step": _sft_step}
 
 
