@@ -4,6 +4,7 @@ r"""Benchmarks of sigma_jax; one subcommand per benchmark, each prints ONE JSON 
   python -m launch.benchmark decode --items=20000 --batches=1,8 --reps=3
   python -m launch.benchmark sft_step --config=configs/beauty.py --workdir=runs/beauty \
       --timed_steps=10
+  python -m launch.benchmark profile                     # MFU, eval users/s, time by part
 
 Subcommands (add one by writing a `_<name>(argv) -> dict` function and listing it in
 `SUBCOMMANDS`; flags are absl flags shared by all subcommands, each documented with the one
@@ -12,6 +13,21 @@ that reads it):
 `sft_step` (docs/PERFORMANCE.md "SFT sequence packing"): one SFT training step, unpacked vs
 packed (`sft.pack`), on a config's real data and a work directory's finished stages; see
 `_sft_step`.
+
+`profile` (docs/PERFORMANCE.md "Profile"): one run on synthetic data shaped like Beauty
+(`--config`, default configs/beauty.py; `--profile_items` = 12,101 random SIDs; evaluation
+prompts of `--history` = 20 items, SFT examples of 1..20; `sigma_jax/profile.py` builds them
+and counts model FLOPs analytically). `matmul_flops_per_s` is the best dense f32 matmul rate of
+`--matmul_sizes` (best of max(3, `--reps`) runs each); `mfu_sft` = the SFT step's model FLOP/s
+(the config's batch, packed, the stage's jitted step) / it; `mfu_decode` = the decode
+benchmark's prefill + constrained search (full SIDs, batch `generation.eval_batch`,
+`--prompt_len` random prompt tokens) / it; `eval_users_per_s` = `generation.eval_batch` /
+the median time of `Generator.recommend` on one batch (beam search, `<q>` pass, retrieval,
+APF, host prompt building: the three-step generation as evaluation runs it);
+`wall_time_s_by_part` times the SFT step's parts (host batch build, forward, forward +
+backward, optimizer, whole step) and the evaluation batch's (host prompts and mask, prefill,
+beam search, `<q>` pass, retrieval + fusion, the one `generate` program, the whole
+`recommend`), each jitted on its own; every time is the median of `--reps` interleaved rounds.
 
 `decode` (docs/PERFORMANCE.md "Decoding speed"). Two measurements:
 
