@@ -4,6 +4,7 @@ r"""Benchmarks of sigma_jax; one subcommand per benchmark, each prints ONE JSON 
   python -m launch.benchmark decode --items=20000 --batches=1,8 --reps=3
   python -m launch.benchmark sft_step --config=configs/beauty.py --workdir=runs/beauty \
       --timed_steps=10
+  python -m launch.benchmark profile                     # MFU, eval users/s, time by part
 
 Subcommands (add one by writing a `_<name>(argv) -> dict` function and listing it in
 `SUBCOMMANDS`; flags are absl flags shared by all subcommands, each documented with the one
@@ -15,6 +16,21 @@ rows and real tokens per epoch, and step time; see `_sft_layouts`.
 `sft_step` (docs/PERFORMANCE.md "SFT sequence packing"): one SFT training step, unpacked vs
 packed (`sft.pack`), on a config's real data and a work directory's finished stages; see
 `_sft_step`.
+
+`profile` (docs/PERFORMANCE.md "Profile"): one run on synthetic data shaped like Beauty
+(`--config`, default configs/beauty.py; `--profile_items` = 12,101 random SIDs; evaluation
+prompts of `--history` = 20 items, SFT examples of 1..20; `sigma_jax/profile.py` builds them
+and counts model FLOPs analytically). `matmul_flops_per_s` is the best dense f32 matmul rate of
+`--matmul_sizes` (best of max(3, `--reps`) runs each); `mfu_sft` = the SFT step's model FLOP/s
+(the config's batch, packed, the stage's jitted step) / it; `mfu_decode` = the decode
+benchmark's prefill + constrained search (full SIDs, batch `generation.eval_batch`,
+`--prompt_len` random prompt tokens) / it; `eval_users_per_s` = `generation.eval_batch` /
+the median time of `Generator.recommend` on one batch (beam search, `<q>` pass, retrieval,
+APF, host prompt building: the three-step generation as evaluation runs it);
+`wall_time_s_by_part` times the SFT step's parts (host batch build, forward, forward +
+backward, optimizer, whole step) and the evaluation batch's (host prompts and mask, prefill,
+beam search, `<q>` pass, retrieval + fusion, the one `generate` program, the whole
+`recommend`), each jitted on its own; every time is the median of `--reps` interleaved rounds.
 
 `decode` (docs/PERFORMANCE.md "Decoding speed"). Two measurements:
 
@@ -107,6 +123,13 @@ _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 20,
                                     "sft_step: timed training steps per layout.")
 _EPOCH_BATCHES = flags.DEFINE_integer("epoch_batches", 0, "sft_layouts: batches built on the "
                                       "host to count rows and tokens (0: the whole epoch).")
+_PROFILE_ITEMS = flags.DEFINE_integer("profile_items", 12_101,
+                                      "profile: synthetic catalogue size (Beauty: 12,101).")
+_HISTORY = flags.DEFINE_integer("history", 20, "profile: history items per evaluation prompt; "
+                                "SFT examples draw 1..history.")
+_MATMUL_SIZES = flags.DEFINE_list("matmul_sizes", [], "profile: MxKxN matmul shapes of the "
+                                  "FLOP/s roofline; default [B*T, d] x [d, 4d], its transpose "
+                                  "and 1024^3, 2048^3.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,9 +476,91 @@ def _sft_layouts(argv: Sequence[str]) -> dict:
       wall_s=time.perf_counter() - t_start)
 
 
+def _profile(argv: Sequence[str]) -> dict:
+  """The `profile` benchmark: MFU of SFT and decoding, evaluation users/s and where the time
+  goes, in one run on synthetic data (module docstring)."""
+  del argv
+  import numpy as np
+
+  from configs import beauty
+  from sigma_jax import parallel, profile
+  from sigma_jax.generate import testing
+  from sigma_jax.train import sft
+  t_start = time.perf_counter()
+  cfg = _CONFIG() if _CONFIG() is not None else beauty.get_config()
+  reps, seed, items, hist = _REPS.value, _SEED.value, _PROFILE_ITEMS.value, _HISTORY.value
+  mesh = parallel.make_mesh(cfg.mesh)
+  m = cfg.model
+  rows = int(cfg.sft.batch_size) * int(cfg.sft.max_len)
+  d = int(m.d_model)
+  shapes = ([tuple(int(x) for x in s.split("x")) for s in _MATMUL_SIZES.value] or
+            [(rows, d, 4 * d), (rows, 4 * d, d), (1024, 1024, 1024), (2048, 2048, 2048)])
+  roof = profile.matmul_flops_per_s(shapes, max(3, reps))
+  peak = roof["best"]
+  logging.info("matmul roofline: %.3g FLOP/s", peak)
+
+  assets = profile.synthetic_assets(cfg, items, seed)
+  train_ex = profile.synthetic_examples(assets, int(cfg.sft.batch_size) * (reps + 1), hist, seed)
+  s = profile.profile_sft(cfg, assets, mesh, train_ex, reps, seed)
+  sft_flops_per_s = s["flops"]["train_step"] / s["seconds"]["train_step"]
+  logging.info("sft step: %.1f ms, %.3g FLOP/s", 1e3 * s["seconds"]["train_step"],
+               sft_flops_per_s)
+
+  batch = int(cfg.generation.eval_batch)
+  eval_ex = profile.synthetic_examples(assets, batch, hist, seed + 1, fixed_length=True)
+  e = profile.profile_eval(cfg, assets, s["graphdef"], s["state"]["params"], eval_ex, reps)
+  users_per_s = batch / e["seconds"]["recommend"]
+  logging.info("eval batch: %.1f ms, %.1f users/s", 1e3 * e["seconds"]["recommend"], users_per_s)
+
+  levels, c = int(cfg.tokenizer.levels), int(cfg.tokenizer.codebook_size)
+  dm = sft.model_config(cfg, assets)
+  sizes = (c,) * levels
+  offsets = tuple(int(assets.tok.sid_token(l, 0)) for l in range(levels))
+  sids = testing.synthetic_sids(np.random.default_rng(seed), items, sizes)
+  k = int(cfg.generation.num_beams)
+  dec = profile.profile_decode(dm, sids, sizes, offsets, batch, _PROMPT_LEN.value, k, reps,
+                               seed)
+  decode_s = dec["seconds"]["prefill"] + dec["seconds"]["search"]
+  decode_flops_per_s = dec["flops"]["total"] / decode_s
+
+  return dict(
+      benchmark="profile",
+      setting=dict(
+          config="configs/beauty.py" if _CONFIG() is None else "--config",
+          backbone=str(m.size), d_model=d, layers=int(m.num_layers),
+          vocab_size=int(dm.vocab_size), items=items, levels=levels, codebook_size=c,
+          prefix_len=int(cfg.tokenizer.prefix_len), num_beams=k, history=hist,
+          sft_batch=s["batch_size"], sft_packed_rows=s["rows"], sft_max_len=int(cfg.sft.max_len),
+          sft_layout="per_position (synthetic: histories of 1..history items)",
+          id_negatives=str(cfg.sft.id_negatives), eval_batch=batch,
+          decode_prompt_len=_PROMPT_LEN.value, reps=reps, seed=seed,
+          data="synthetic: random SIDs, unit features, hashed instruction words, random "
+               "histories; random-init (SFT) and briefly trained (eval) weights",
+          flops="analytic model FLOPs (sigma_jax/profile.py): real tokens, causal attention, "
+                "train step = 3 x forward"),
+      machine=machine_info(),
+      matmul_flops_per_s=peak,
+      matmul_flops_per_s_by_shape=roof["by_shape"],
+      mfu_sft=sft_flops_per_s / peak,
+      sft_flops_per_s=sft_flops_per_s,
+      sft_flops_per_step=s["flops"]["train_step"],
+      sft_forward_flops_by_part=s["flops"]["forward"],
+      sft_tokens_per_s=s["flops"]["tokens"] / s["seconds"]["train_step"],
+      mfu_decode=decode_flops_per_s / peak,
+      decode_flops_per_s=decode_flops_per_s,
+      decode_flops=dec["flops"],
+      mfu_eval=e["flops"]["total"] / e["seconds"]["generate"] / peak,
+      eval_flops=e["flops"],
+      eval_users_per_s=users_per_s,
+      eval_parts_agree=e["parts_agree"],
+      wall_time_s_by_part=dict(sft=s["seconds"], eval=e["seconds"], decode=dec["seconds"]),
+      wall_s=time.perf_counter() - t_start)
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], dict]] = {"decode": _decode,
-                                                           "sft_step": _sft_step,
-                                                           "sft_layouts": _sft_layouts}
+                                                           "profile": _profile,
+                                                           "sft_layouts": _sft_layouts,
+                                                           "sft_step": _sft_step}
 
 
 def main(argv):
