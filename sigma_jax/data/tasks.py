@@ -44,9 +44,9 @@ user's training sequence is a candidate target with the previous <= H items as h
 when it obeys the task's rule, at most `max_train_per_user` per user and task (a seeded sample).
 Evaluation examples are the validation (valid_hist -> valid_target) and test (test_hist ->
 test_target) rows under the same rules. Training targets are therefore never a validation or
-test (user, position). Every random choice (template, query length, which genre, the training
-cap sample) comes from a generator seeded by (`phrasings_seed`, task, split), so a split is the
-same whether built alone or with the others.
+test (user, position). Every random choice (template, query length and terms, which genre, the
+training cap sample) comes from a generator seeded by (`phrasings_seed`, task, split), so a split
+is the same whether built alone or with the others.
 """
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """One dataset's comparison: the rows, τ selection, paired intervals and the tables (Markdown and
 JSON) of ``launch/compare.py``. ``sigma_jax.experiment`` runs the rows through the pipeline.
 
-Rows: ``popular`` (the most popular training items; no model), ``collab`` (SASRec), ``gr_sid`` (TIGER-style full SID), ``gr_id``, ``sigma``, and the
-ablations ``sigma_no_grounding`` (SIDs from un-grounded TF-IDF text embeddings) and
-``sigma_no_apf`` (sigma's model ranked without APF). A row's config is the comparison's config
-with the row's variant applied (``configure(cfg, row)``; ``launch.compare`` passes
-``configs/base.py``'s ``apply_variant``, where the rows' config changes are defined); this
-module holds what is not config: the stages each row runs itself and whose SFT it reuses.
+Rows: ``popular`` (the most popular training items; no model), ``collab`` (SASRec), ``gr_sid``
+(TIGER-style full SID), ``gr_id``, ``sigma``, and the ablations ``sigma_no_grounding`` (SIDs
+from un-grounded TF-IDF text embeddings) and ``sigma_no_apf`` (sigma's model ranked without
+APF). A row's config is the comparison's config with the row's variant applied
+(``configure(cfg, row)``; ``launch.compare`` passes ``configs/base.py``'s ``apply_variant``,
+where the rows' config changes are defined); this module holds what is not config: the stages
+each row runs itself and whose SFT it reuses.
 
 The shared stages (data, text_tokenizer, collab, ground, tokenize) run once in WORKDIR; each
 row's own stages run in WORKDIR/rows/<row>, which links the shared ones. APF's τ is chosen per
