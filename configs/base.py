@@ -139,7 +139,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.tasks.holiday_days = 14  # a holiday window: this many days up to the holiday
   c.tasks.query_min_terms = 1  # query terms drawn uniformly in [min, max] ...
   c.tasks.query_max_terms = 3
-  c.tasks.query_min_matches = 2  # ... a term added only while this many items still match
+  # ... each term (from the target's title, categories, tags, brand) kept only while this many
+  # items still match, so a query never names its target; a target with no such query is
+  # dropped from Query (sft/tasks.json: query.<split>.dropped, matches_median, matches_min).
+  c.tasks.query_min_matches = 50
   c.tasks.max_train_per_user = 50  # training examples per user and task; 0: all
   c.tasks.phrasings_seed = 0  # seeds every per-example choice
 

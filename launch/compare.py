@@ -3,7 +3,8 @@ r"""Runs one dataset's comparison and writes its results table (Markdown and JSO
   python -m launch.compare --config=configs/beauty.py --workdir=runs/beauty
   python -m launch.compare --config=configs/movielens.py --workdir=runs/movielens
 
-Rows: `collab` (SASRec), `gr_sid` (TIGER-style full SID), `gr_id`, `sigma`, and the ablations
+Rows: `popular` (the most popular training items: no model, needs the data stage only;
+`--rows=popular` runs nothing else), `collab` (SASRec), `gr_sid` (TIGER-style full SID), `gr_id`, `sigma`, and the ablations
 `sigma_no_grounding` (SIDs from un-grounded TF-IDF text embeddings) and `sigma_no_apf` (sigma's
 model ranked without APF). Each generative row's config is --config with the row's variant
 applied (configs/base.py: ROW_VARIANTS; `--config=configs/beauty.py:gr_sid` is that row's

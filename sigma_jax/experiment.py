@@ -64,11 +64,19 @@ def run(cfg, workdir: str, rows=compare.ROWS, taus=compare.DEFAULT_TAUS, *,
     result written to <dataset>.json (see ``compare.result``).
   """
   shared = cfg.copy_and_resolve_references()
-  shared.stages = ",".join(compare.SHARED)
+  # The popular row needs the data stage only; every other row needs all the shared stages.
+  needed = ("data",) if set(rows) & set(compare.ROWS) <= {"popular"} else compare.SHARED
+  shared.stages = ",".join(needed)
   pipeline.run(shared, workdir, strict=True)
   per_task = compare.is_per_task(cfg)
-  out, timing = {}, {s: compare.stage_seconds(workdir, [s]) for s in compare.SHARED}
+  out, timing = {}, {s: compare.stage_seconds(workdir, [s]) for s in needed}
   for row in [r for r in compare.ROWS if r in rows]:
+    if row == "popular":
+      if not select_only:  # nothing to select: its row is its validation and test metrics
+        out[row] = compare.popular_row(cfg, workdir)
+        timing[row] = utils.read_json(wd.path(compare.row_dir(workdir, row),
+                                              wd.EVAL_METRICS))["wall_time_s"]
+      continue
     if row == "collab":
       if not select_only:  # its row is test metrics (and may re-score on test)
         out[row] = compare.collab_row(cfg, workdir)

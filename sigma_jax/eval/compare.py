@@ -1,12 +1,13 @@
 """One dataset's comparison: the rows, τ selection, paired intervals and the tables (Markdown and
 JSON) of ``launch/compare.py``. ``sigma_jax.experiment`` runs the rows through the pipeline.
 
-Rows: ``collab`` (SASRec), ``gr_sid`` (TIGER-style full SID), ``gr_id``, ``sigma``, and the
-ablations ``sigma_no_grounding`` (SIDs from un-grounded TF-IDF text embeddings) and
-``sigma_no_apf`` (sigma's model ranked without APF). A row's config is the comparison's config
-with the row's variant applied (``configure(cfg, row)``; ``launch.compare`` passes
-``configs/base.py``'s ``apply_variant``, where the rows' config changes are defined); this
-module holds what is not config: the stages each row runs itself and whose SFT it reuses.
+Rows: ``popular`` (the most popular training items; no model), ``collab`` (SASRec), ``gr_sid``
+(TIGER-style full SID), ``gr_id``, ``sigma``, and the ablations ``sigma_no_grounding`` (SIDs
+from un-grounded TF-IDF text embeddings) and ``sigma_no_apf`` (sigma's model ranked without
+APF). A row's config is the comparison's config with the row's variant applied
+(``configure(cfg, row)``; ``launch.compare`` passes ``configs/base.py``'s ``apply_variant``,
+where the rows' config changes are defined); this module holds what is not config: the stages
+each row runs itself and whose SFT it reuses.
 
 The shared stages (data, text_tokenizer, collab, ground, tokenize) run once in WORKDIR; each
 row's own stages run in WORKDIR/rows/<row>, which links the shared ones. APF's τ is chosen per
@@ -25,7 +26,8 @@ from sigma_jax import utils
 from sigma_jax import workdir as wd
 
 SHARED = ("data", "text_tokenizer", "collab", "ground", "tokenize")
-ROWS = ("collab", "sigma", "gr_sid", "gr_id", "sigma_no_grounding", "sigma_no_apf")  # order
+ROWS = ("popular", "collab", "sigma", "gr_sid", "gr_id", "sigma_no_grounding",
+        "sigma_no_apf")  # order
 MODEL_ROWS = {  # row -> (its own stages, the row whose sft it reuses); config: its variant
     "sigma": (("sft", "eval"), None),
     "gr_sid": (("sft", "eval"), None),
@@ -101,6 +103,46 @@ def collab_row(cfg, workdir: str) -> dict:
   row = {"validation": r["validation"], "test": r["test"], "best_epoch": r["best_epoch"]}
   if "epoch_selected_with_exclude_history" in r:
     row["epoch_selected_with_exclude_history"] = r["epoch_selected_with_exclude_history"]
+  return row
+
+
+def popular_row(cfg, workdir: str) -> dict:
+  """The ``popular`` row (``sigma_jax.eval.popular``): needs the data stage only.
+
+  Ranks every task's validation and test examples (``generation.eval_tasks``, at most
+  ``generation.eval_limit`` per task, as the eval stage does) through ``evaluate.evaluate`` and
+  writes WORKDIR/rows/popular/eval/metrics.json and ranks.npz (for the paired bootstrap).
+
+  Returns:
+    the row in ``model_row``'s layout: per task for MovieLens and the demo, else JustForYou's.
+  """
+  import time
+
+  import numpy as np
+  from sigma_jax.data import loader
+  from sigma_jax.eval import evaluate, popular
+  from sigma_jax.train import sft
+
+  start = time.time()
+  ds = loader.load_dataset(cfg, workdir)
+  ranker = popular.PopularRanker(cfg, ds)
+  g = cfg.generation
+  ranks = {}
+  results = evaluate.evaluate(cfg, ds, ranker, task_names=sft.task_list(g.eval_tasks),
+                              limit=int(g.eval_limit) or None, progress=bool(cfg.progress),
+                              ranks_out=ranks)
+  rdir = row_dir(workdir, "popular")
+  os.makedirs(wd.stage_dir(rdir, "eval"), exist_ok=True)
+  metrics = {"tasks": results, "mode": "popular",
+             "protocol": {"ranking": "training-split popularity (ties: lower item index); hard "
+                                     "constraints applied as the generator applies them",
+                          "history_items": "never returned" if ranker.exclude_history
+                                           else "ranked like any other item"},
+             "wall_time_s": round(time.time() - start, 1)}
+  utils.atomic_write(wd.path(rdir, wd.EVAL_RANKS), lambda f: np.savez(f, **ranks), "wb")
+  utils.write_json(wd.path(rdir, wd.EVAL_METRICS), metrics)
+  row = model_row({"metrics": metrics, "tau": None}, is_per_task(cfg))
+  del row["apf"]
   return row
 
 
