@@ -433,7 +433,8 @@ def _sft_layouts(argv: Sequence[str]) -> dict:
   for layout in ("per_position", "one_pass"):
     cfg.sft.layout = layout
     run = sft.setup(cfg, workdir, mesh, ds=ds, total_steps=1000)
-    n = len(run.order) if _EPOCH_BATCHES.value <= 0 else min(_EPOCH_BATCHES.value, len(run.order))
+    epoch = run.steps_per_epoch
+    n = epoch if _EPOCH_BATCHES.value <= 0 else min(_EPOCH_BATCHES.value, epoch)
     rows = tokens = 0
     t0 = time.perf_counter()
     for i in tqdm.tqdm(range(n), desc=f"{layout}: host batches", leave=False):
