@@ -103,7 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Optional stage `pretrain` (not in the default stages): causal LM over item texts and templates.
   c.pretrain = ml_collections.ConfigDict()
-  c.pretrain.use = "auto"  # auto: ground and sft start from WORKDIR/pretrain when it exists
+  # auto: ground (and sft, with sft.init="auto") start from WORKDIR/pretrain when it exists;
+  # always: an error when it does not; never: they start fresh.
+  c.pretrain.use = "auto"
   c.pretrain.steps = 1000
   c.pretrain.batch_size = 64
   c.pretrain.max_len = 48  # tokens per text, <|end|> included
@@ -171,6 +173,13 @@ def base_config() -> ml_collections.ConfigDict:
   # history computed once for all its positions; needs sft.pack).
   c.sft.layout = "sequence"
   c.sft.extra_features = ""  # comma-separated .npy [N, d] matrices for ProjFuse
+  # Where the SFT backbone starts: "auto" (the behaviour before this option: the pretrain
+  # stage's decoder when pretrain.use finds one, otherwise fresh), "pretrain" (the pretrain
+  # stage's decoder; an error when that stage has not run), "scratch" (fresh, even after
+  # pretrain) or "grounded" (the ground stage's text tower, DESIGN §2: its layers, norms and the
+  # SentencePiece rows of the embedding; SID rows, ProjFuse and q_proj start fresh). The
+  # default is to be chosen on Beauty's validation split.
+  c.sft.init = "auto"
   # Pack several examples to a row (attention kept inside each): the same loss over fewer rows.
   # It changes how fast a step runs, not what it computes, so it is not part of a run's recipe.
   c.sft.pack = True
@@ -184,6 +193,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.generation.top_n = 20  # N, the recommendation list
   c.generation.fuse = True  # APF; False: the un-fused ranking (ablation)
   c.generation.apf_tau = 0.01  # τ of APF: item logits are cos · σ(φ) / τ
+  # > 0: APF with this constant σ for every query instead of the adaptive std(φ) (the
+  # sigma_fixed_fusion ablation; only σ/τ matters, so its row sweeps τ at σ = 1). 0: adaptive.
+  c.generation.apf_fixed_sigma = 0.0
   c.generation.eval_batch = 64
   c.generation.eval_tasks = ""  # comma-separated tasks to evaluate; empty: every available
   c.generation.eval_limit = 0  # evaluate at most this many examples per task and split; 0: all
@@ -244,6 +256,9 @@ ROW_VARIANTS = {
     "sigma_no_grounding": {"tokenizer.source": "raw"},
     # sigma's model ranked without APF (launch.compare reuses sigma's SFT for it).
     "sigma_no_apf": {"generation.fuse": False},
+    # sigma's model, APF with a constant σ instead of the adaptive one (sigma's SFT reused);
+    # launch.compare chooses the constant σ/τ on validation (--fixed_sigma_taus).
+    "sigma_fixed_fusion": {"generation.apf_fixed_sigma": 1.0},
 }
 VARIANTS = ("tiny",) + tuple(ROW_VARIANTS)
 

@@ -6,8 +6,8 @@ r"""Amazon 2014 Beauty (TIGER/P5 5-core split), the headline benchmark.
   python -m launch.train --config=configs/beauty.py:gr_id --workdir=runs/beauty_gr_id
 
 A variant after the colon (configs/base.py: VARIANTS) gives one row of the comparison, or the
-test size: `:tiny`, `:gr_sid`, `:gr_id`, `:sigma_no_grounding`, `:sigma_no_apf`, or several
-comma-separated (`:tiny,gr_sid`).
+test size: `:tiny`, `:gr_sid`, `:gr_id`, `:sigma_no_grounding`, `:sigma_no_apf`,
+`:sigma_fixed_fusion`, or several comma-separated (`:tiny,gr_sid`).
 
 Data: $SIGMA_DATA_DIR/amazon2014/Beauty (or --config.dataset.manual_dir=...).
 Protocol: TIGER's leave-one-out, history <= 20, full ranking over all 12,101 items, the

@@ -4,11 +4,13 @@ r"""Runs one dataset's comparison and writes its results table (Markdown and JSO
   python -m launch.compare --config=configs/movielens.py --workdir=runs/movielens
 
 Rows: `popular` (the most popular training items: no model, needs the data stage only;
-`--rows=popular` runs nothing else), `collab` (SASRec), `gr_sid` (TIGER-style full SID), `gr_id`, `sigma`, and the ablations
-`sigma_no_grounding` (SIDs from un-grounded TF-IDF text embeddings) and `sigma_no_apf` (sigma's
-model ranked without APF). Each generative row's config is --config with the row's variant
-applied (configs/base.py: ROW_VARIANTS; `--config=configs/beauty.py:gr_sid` is that row's
-config on its own). The shared stages (data, text_tokenizer, collab, ground, tokenize) run once
+`--rows=popular` runs nothing else), `collab` (SASRec), `gr_sid` (TIGER-style full SID), `gr_id`,
+`sigma`, and the ablations `sigma_no_grounding` (SIDs from un-grounded TF-IDF text embeddings),
+`sigma_no_apf` (sigma's model ranked without APF) and `sigma_fixed_fusion` (sigma's model, APF
+with one constant σ for every query; the constant σ/τ chosen on validation from
+`--fixed_sigma_taus`). Each generative row's config is --config with the row's variant applied
+(configs/base.py: ROW_VARIANTS; `--config=configs/beauty.py:gr_sid` is that row's config on its
+own). The shared stages (data, text_tokenizer, collab, ground, tokenize) run once
 in WORKDIR; each row's own stages run in WORKDIR/rows/<row>, which links the shared ones.
 APF's τ is chosen per row on the validation split (`--taus`); test is evaluated once, with the
 chosen τ. Writes WORKDIR/results/<dataset>.json and .md (--out=docs/results updates the
@@ -32,6 +34,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the compariso
 _ROWS = flags.DEFINE_list("rows", list(compare.ROWS), "Rows to run.")
 _TAUS = flags.DEFINE_list("taus", list(compare.DEFAULT_TAUS),
                           "APF temperatures tried on validation.")
+_FIXED_TAUS = flags.DEFINE_list(
+    "fixed_sigma_taus", list(compare.FIXED_SIGMA_TAUS), "APF temperatures tried on validation "
+    "for a row with a fixed σ (sigma_fixed_fusion, σ = 1: the grid of the constant 1/τ).")
 _TAU_LIMIT = flags.DEFINE_integer("tau_limit", 0, "Validation examples per task used to choose "
                                   "τ (0: all); test always uses every example.")
 _OUT = flags.DEFINE_string(
@@ -62,7 +67,7 @@ def main(argv):
       sys.exit(f"launch.compare: {e}")
   result = experiment.run(cfg, _WORKDIR.value, _ROWS.value, _TAUS.value,
                        configure=base.apply_variant, tau_limit=_TAU_LIMIT.value,
-                       select_only=_SELECT_ONLY.value,
+                       select_only=_SELECT_ONLY.value, fixed_taus=_FIXED_TAUS.value,
                        command="python -m launch.compare " + " ".join(sys.argv[1:]))
   if _SELECT_ONLY.value:
     print(compare.selection_markdown(result))

@@ -14,7 +14,7 @@ import os
 from sigma_jax import parallel, utils, workdir as wd
 from sigma_jax.data import raw
 from sigma_jax.models import sigma as sigma_model
-from sigma_jax.train import pretrain, sft, tokenize
+from sigma_jax.train import ground, pretrain, sft, tokenize
 
 TOKENIZER_KINDS = ("rqkmeans", "rqvae")  # what sigma_jax.models.rq.tokenize_items accepts
 
@@ -53,6 +53,27 @@ def _num_items(workdir: str | None) -> int | None:
   return int(utils.read_json(path)["num_items"])
 
 
+def _check_sft_init(cfg, stages, workdir: str | None) -> None:
+  """``sft.init``: a known value; the stage it starts from will have run; for ``grounded``, a
+  finished ground stage whose tower has this config's backbone shape."""
+  init = str(cfg.sft.init)
+  if init not in sft.INITS:
+    raise ValueError(f"sft.init must be one of {sft.INITS}, got {init!r}")
+  if "sft" not in stages or init in ("auto", "scratch"):
+    return
+  source = "pretrain" if init == "pretrain" else "ground"
+  done = bool(workdir) and wd.is_done(workdir, source)
+  if source not in stages and not done:
+    raise ValueError(f"sft.init={init!r} starts SFT from the '{source}' stage, which is neither "
+                     "in config.stages nor done in the work directory")
+  if init == "grounded" and done:
+    mismatches = ground.tower_shape_mismatches(cfg.model, ground.tower_recipe(workdir))
+    if mismatches:
+      raise ValueError("sft.init='grounded' needs the SFT backbone to have the shape of the "
+                       f"ground stage's text tower ({wd.recipe_path(workdir, 'ground')}): "
+                       + "; ".join(mismatches))
+
+
 def validate(cfg, stages, workdir: str | None = None, devices=None) -> None:
   """Raises ValueError naming the fields of the first contradiction in ``cfg``.
 
@@ -89,6 +110,15 @@ def validate(cfg, stages, workdir: str | None = None, devices=None) -> None:
       and not (workdir and wd.is_done(workdir, "pretrain"))):
     raise ValueError("pretrain.use='always' but the 'pretrain' stage is neither in "
                      "config.stages nor done in the work directory")
+  _check_sft_init(cfg, stages, workdir)
+  fixed = float(cfg.generation.apf_fixed_sigma)
+  if fixed < 0:
+    raise ValueError(f"generation.apf_fixed_sigma={fixed} is negative; 0 is the adaptive σ, "
+                     "> 0 a fixed one")
+  if fixed > 0 and not (cfg.generation.fuse and cfg.generation.mode == "sigma"):
+    raise ValueError(f"generation.apf_fixed_sigma={fixed} fixes APF's σ, but APF does not run "
+                     f"(generation.fuse={cfg.generation.fuse}, generation.mode="
+                     f"{cfg.generation.mode!r})")
   check_beams(cfg.generation, cfg.tokenizer)
   # Device-dependent checks only for the stages that will shard a batch.
   if {"pretrain", "ground", "sft"} & set(stages):

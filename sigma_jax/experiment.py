@@ -12,11 +12,15 @@ from sigma_jax.eval import compare
 
 
 def run_row(cfg, workdir: str, row: str, taus, configure: compare.Configure, tau_limit: int = 0,
-            select_only: bool = False) -> dict:
+            select_only: bool = False, fixed_taus=compare.FIXED_SIGMA_TAUS) -> dict:
   """Trains (or finds) one generative row, chooses its τ and evaluates it.
 
+  A row with a fixed APF σ (``generation.apf_fixed_sigma``) sweeps ``fixed_taus`` instead of
+  ``taus``: only σ/τ matters there, so the sweep chooses the constant σ/τ on validation.
+
   Returns {"metrics": the row's eval/metrics.json (None with ``select_only``), "tau": its τ
-  sweep (``compare.select_tau``), {"reuses_sft_of": row} for an un-fused row, or None}.
+  sweep (``compare.select_tau``; with a fixed σ also "apf_fixed_sigma" and the chosen
+  "sigma_over_tau"), {"reuses_sft_of": row} for an un-fused row, or None}.
   """
   own, reuse = compare.MODEL_ROWS[row]
   rdir = compare.row_dir(workdir, row)
@@ -33,8 +37,12 @@ def run_row(cfg, workdir: str, row: str, taus, configure: compare.Configure, tau
     rcfg.stages = ",".join(s for s in own if s != "eval")
     pipeline.run(rcfg, rdir, strict=True)
   if rcfg.generation.mode == "sigma" and rcfg.generation.fuse:
-    sweep = compare.select_tau(rcfg, rdir, taus, tau_limit)
+    fixed = float(rcfg.generation.apf_fixed_sigma)
+    sweep = compare.select_tau(rcfg, rdir, fixed_taus if fixed > 0 else taus, tau_limit)
     rcfg.generation.apf_tau = sweep["chosen_tau"]
+    if fixed > 0:
+      sweep = dict(sweep, apf_fixed_sigma=fixed, sigma_over_tau=fixed / sweep["chosen_tau"],
+                   reuses_sft_of=reuse)
   elif reuse:  # the un-fused ranking has no τ; record which model it ranks
     sweep = {"reuses_sft_of": reuse}
   if select_only:
@@ -46,7 +54,8 @@ def run_row(cfg, workdir: str, row: str, taus, configure: compare.Configure, tau
 
 
 def run(cfg, workdir: str, rows=compare.ROWS, taus=compare.DEFAULT_TAUS, *,
-        configure: compare.Configure, tau_limit: int = 0, select_only: bool = False, command: str = "") -> dict:
+        configure: compare.Configure, tau_limit: int = 0, select_only: bool = False,
+        command: str = "", fixed_taus=compare.FIXED_SIGMA_TAUS) -> dict:
   """Runs the comparison: the shared stages, then each requested row in ``compare.ROWS`` order.
 
   Args:
@@ -58,6 +67,7 @@ def run(cfg, workdir: str, rows=compare.ROWS, taus=compare.DEFAULT_TAUS, *,
     tau_limit: validation examples per task for choosing τ (0: all); test uses every example.
     select_only: train each row and run its τ sweep only; evaluate nothing on test.
     command: the command line, recorded in the result.
+    fixed_taus: the τ grid of a row with a fixed σ (``run_row``).
 
   Returns:
     ``select_only``: {row: its τ sweep} (see ``compare.selection_markdown``). Otherwise the
@@ -81,7 +91,7 @@ def run(cfg, workdir: str, rows=compare.ROWS, taus=compare.DEFAULT_TAUS, *,
       if not select_only:  # its row is test metrics (and may re-score on test)
         out[row] = compare.collab_row(cfg, workdir)
       continue
-    res = run_row(cfg, workdir, row, taus, configure, tau_limit, select_only)
+    res = run_row(cfg, workdir, row, taus, configure, tau_limit, select_only, fixed_taus)
     if select_only:
       out[row] = res["tau"]
       continue

@@ -21,6 +21,7 @@ COLLAB_RESULT = "collab/result.json"
 PRETRAIN_BACKBONE = "pretrain/backbone"
 GROUND_TEXT_EMB = "ground/item_text_emb.npy"  # grounded item embeddings [N, E]
 GROUND_RAW_EMB = "ground/raw_text_emb.npy"  # TF-IDF + PCA, un-grounded [N, E]
+GROUND_TOWER = "ground/tower"  # the text tower's decoder at the best-validation step (Orbax)
 TOKENIZE_SIDS = "tokenize/sids.npy"
 TOKENIZE_BUCKETS = "tokenize/buckets.npz"
 TOKENIZE_REPORT = "tokenize/report.json"

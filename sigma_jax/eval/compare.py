@@ -3,8 +3,9 @@ JSON) of ``launch/compare.py``. ``sigma_jax.experiment`` runs the rows through t
 
 Rows: ``popular`` (the most popular training items; no model), ``collab`` (SASRec), ``gr_sid``
 (TIGER-style full SID), ``gr_id``, ``sigma``, and the ablations ``sigma_no_grounding`` (SIDs
-from un-grounded TF-IDF text embeddings) and ``sigma_no_apf`` (sigma's model ranked without
-APF). A row's config is the comparison's config with the row's variant applied
+from un-grounded TF-IDF text embeddings), ``sigma_no_apf`` (sigma's model ranked without APF)
+and ``sigma_fixed_fusion`` (sigma's model, APF with a constant σ chosen on validation instead of
+the adaptive one). A row's config is the comparison's config with the row's variant applied
 (``configure(cfg, row)``; ``launch.compare`` passes ``configs/base.py``'s ``apply_variant``,
 where the rows' config changes are defined); this module holds what is not config: the stages
 each row runs itself and whose SFT it reuses.
@@ -27,15 +28,21 @@ from sigma_jax import workdir as wd
 
 SHARED = ("data", "text_tokenizer", "collab", "ground", "tokenize")
 ROWS = ("popular", "collab", "sigma", "gr_sid", "gr_id", "sigma_no_grounding",
-        "sigma_no_apf")  # order
+        "sigma_no_apf", "sigma_fixed_fusion")  # order
 MODEL_ROWS = {  # row -> (its own stages, the row whose sft it reuses); config: its variant
     "sigma": (("sft", "eval"), None),
     "gr_sid": (("sft", "eval"), None),
     "gr_id": (("sft", "eval"), None),
     "sigma_no_grounding": (("tokenize", "sft", "eval"), None),
     "sigma_no_apf": (("eval",), "sigma"),
+    "sigma_fixed_fusion": (("eval",), "sigma"),
 }
 DEFAULT_TAUS = ("0.003", "0.01", "0.03", "0.1")
+# The τ grid of a row with a fixed σ (generation.apf_fixed_sigma = 1): its item logits are
+# cos · σ / τ with one σ for every query, so choosing τ chooses the constant σ/τ. The grid spans
+# σ/τ from 1 (nearly uniform within a bucket) to 333 (the best cosine takes the bucket); the
+# adaptive rows' σ (a std of beam probabilities, at most 0.5) times their 1/τ falls inside it.
+FIXED_SIGMA_TAUS = ("0.003", "0.01", "0.03", "0.1", "0.3", "1")
 
 Configure = Callable  # (config, row name) -> the row's config
 

@@ -8,7 +8,8 @@ every task). Results are cached in ``WORKDIR/tau_sweep.json``, one entry per swe
 
   {"sweeps": [{"settings": {"split": "validation", "examples_per_task": "all" | M,
                             "tasks": "all" | [names], "mode", "fuse", "num_beams", "top_m",
-                            "top_n", "exclude_history", "sft_step"},
+                            "top_n", "exclude_history", "sft_step"
+                            (+ "apf_fixed_sigma" when σ is fixed)},
                "metrics": {"<τ>": {task: metrics}},   # every τ evaluated so far
                "wall_time_s": seconds spent on this entry, over all runs}]}
 
@@ -42,11 +43,14 @@ def sft_step(workdir: str) -> int | None:
 def settings(cfg, workdir: str, limit: int | None = None, tasks=None) -> dict:
   """What a sweep's numbers depend on besides τ (the key of its cache entry)."""
   g = cfg.generation
-  return {"split": "validation", "examples_per_task": "all" if limit is None else int(limit),
-          "tasks": "all" if tasks is None else [str(t) for t in tasks],
-          "mode": str(g.mode), "fuse": bool(g.fuse), "num_beams": int(g.num_beams),
-          "top_m": int(g.top_m), "top_n": int(g.top_n),
-          "exclude_history": bool(cfg.dataset.exclude_history), "sft_step": sft_step(workdir)}
+  out = {"split": "validation", "examples_per_task": "all" if limit is None else int(limit),
+         "tasks": "all" if tasks is None else [str(t) for t in tasks],
+         "mode": str(g.mode), "fuse": bool(g.fuse), "num_beams": int(g.num_beams),
+         "top_m": int(g.top_m), "top_n": int(g.top_n),
+         "exclude_history": bool(cfg.dataset.exclude_history), "sft_step": sft_step(workdir)}
+  if float(g.apf_fixed_sigma) > 0:  # absent when adaptive: earlier caches keep their keys
+    out["apf_fixed_sigma"] = float(g.apf_fixed_sigma)
+  return out
 
 
 def _evaluate(cfg, generator, taus, limit, tasks) -> dict:

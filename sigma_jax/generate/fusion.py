@@ -17,6 +17,10 @@ valid beam σ = 0 and its bucket's items get equal probability; equal probabilit
 by beam, then by cosine. An item belongs to exactly one prefix bucket, so the K×M candidates
 contain no duplicates.
 
+With a fixed σ (``fixed_sigma`` > 0, ``generation.apf_fixed_sigma``; the `sigma_fixed_fusion`
+ablation) every query uses that constant instead of std(φ): the fusion without its adaptive
+part. Only σ/τ enters the item softmax, so sweeping τ at a fixed σ sweeps the constant.
+
 `unfused_rank` is the "without APF" ablation: sort by prefix score, then by cosine.
 `apf_reference` is a NumPy transcription of the formula, for tests.
 """
@@ -100,7 +104,8 @@ def bucket_retrieval(h: jax.Array, prefix_ids: jax.Array, bucket_table: jax.Arra
   return jnp.where(ok, items, -1), jnp.where(ok, top_cos, NEG_INF)
 
 
-def apf_terms(scores: jax.Array, valid: jax.Array, cos: jax.Array, items: jax.Array, tau: float):
+def apf_terms(scores: jax.Array, valid: jax.Array, cos: jax.Array, items: jax.Array, tau: float,
+              fixed_sigma: float = 0.0):
   """The APF factors, per candidate.
 
   Args:
@@ -109,6 +114,8 @@ def apf_terms(scores: jax.Array, valid: jax.Array, cos: jax.Array, items: jax.Ar
     cos: [B, K, M] cosine per candidate item.
     items: [B, K, M] int item indices, -1 padding.
     tau: temperature τ.
+    fixed_sigma: > 0: σ for every query (a traced scalar like τ); 0 or less: the adaptive
+      std(φ).
 
   Returns:
     (log P(prefix_k|T) [B, K], σ [B], log P(id_i|T,prefix_k) [B, K, M]); NEG_INF where invalid.
@@ -121,6 +128,8 @@ def apf_terms(scores: jax.Array, valid: jax.Array, cos: jax.Array, items: jax.Ar
   n = jnp.maximum(jnp.sum(valid, axis=-1), 1)  # [B]
   mean = jnp.sum(phi, axis=-1) / n
   sigma = jnp.sqrt(jnp.sum(jnp.where(valid, (phi - mean[:, None]) ** 2, 0.0), axis=-1) / n)
+  fixed = jnp.asarray(fixed_sigma, jnp.float32)
+  sigma = jnp.where(fixed > 0, jnp.broadcast_to(fixed, sigma.shape), sigma)  # [B]
   ok = (items >= 0) & valid[..., None]  # [B, K, M]
   logits = jnp.where(ok, cos.astype(jnp.float32) * sigma[:, None, None] / tau, NEG_INF)
   log_item = jnp.where(ok, jax.nn.log_softmax(logits, axis=-1), NEG_INF)  # [B, K, M]
@@ -129,7 +138,7 @@ def apf_terms(scores: jax.Array, valid: jax.Array, cos: jax.Array, items: jax.Ar
 
 @functools.partial(jax.jit, static_argnames=("top_n",))
 def apf_rank(scores: jax.Array, valid: jax.Array, items: jax.Array, cos: jax.Array, tau: float,
-             top_n: int) -> Ranked:
+             top_n: int, fixed_sigma: float = 0.0) -> Ranked:
   """Adaptive probabilistic fusion and the global top-N (module docstring).
 
   Args:
@@ -139,12 +148,13 @@ def apf_rank(scores: jax.Array, valid: jax.Array, items: jax.Array, cos: jax.Arr
     cos: [B, K, M] float cosine per candidate.
     tau: τ.
     top_n: N.
+    fixed_sigma: > 0: this σ for every query instead of the adaptive one (`apf_terms`).
 
   Returns:
     `Ranked` with `scores` = P(v_i | T).
   """
   b, k, m = items.shape
-  log_prefix, _, log_item = apf_terms(scores, valid, cos, items, tau)
+  log_prefix, _, log_item = apf_terms(scores, valid, cos, items, tau, fixed_sigma)
   ok = (items >= 0) & valid[..., None]
   log_p = jnp.where(ok, log_prefix[..., None] + log_item, NEG_INF).reshape(b, k * m)
   flat_ok = ok.reshape(b, k * m)
@@ -201,12 +211,13 @@ def unfused_rank(scores: jax.Array, valid: jax.Array, items: jax.Array, cos: jax
 
 
 def apf_reference(scores: np.ndarray, valid: np.ndarray, items: np.ndarray, cos: np.ndarray,
-                  tau: float, top_n: int) -> tuple[np.ndarray, np.ndarray]:
+                  tau: float, top_n: int, fixed_sigma: float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
   """NumPy APF, written from the formula with loops (tests compare `apf_rank` to it).
 
   Args:
     scores: [B, K] beam log-probs; valid: [B, K] bool; items: [B, K, M] (-1 padding);
-    cos: [B, K, M]; tau: τ; top_n: N.
+    cos: [B, K, M]; tau: τ; top_n: N; fixed_sigma: > 0: σ for every query.
 
   Returns:
     items [B, N] (-1 padding) and P(v_i | T) [B, N] (0 padding), best first.
@@ -219,6 +230,8 @@ def apf_reference(scores: np.ndarray, valid: np.ndarray, items: np.ndarray, cos:
     phi = {k: np.exp(np.float64(scores[b, k])) for k in beams}
     total = sum(phi.values())
     sigma = np.std([phi[k] for k in beams]) if beams else 0.0
+    if fixed_sigma > 0:
+      sigma = float(fixed_sigma)
     cands = []
     for k in beams:
       members = [m for m in range(m_size) if items[b, k, m] >= 0]

@@ -52,7 +52,8 @@ def _cache_len(prompt_len: int, levels: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats, tables,
-             bucket_table, allowed, tau, *, spec: DecodeSpec) -> fusion.Ranked:
+             bucket_table, allowed, tau, fixed_sigma=0.0, *,
+             spec: DecodeSpec) -> fusion.Ranked:
   """Top-N items for a batch of prompts.
 
   Args:
@@ -66,6 +67,7 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
       history items when they are excluded (all True otherwise). In `gr_sid` the trie holds the
       constraint; beams that decode another disallowed item are dropped.
     tau: APF temperature τ (a traced scalar: sweeping it does not recompile).
+    fixed_sigma: > 0: APF's σ for every query instead of the adaptive one (traced, like τ).
     spec: `DecodeSpec`.
 
   Returns:
@@ -128,7 +130,7 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
   cand, cos = fusion.bucket_retrieval(q, res.prefix_ids, bucket_table, item_keys, spec.top_m,
                                       allowed, normalize=spec.normalize)
   if spec.fuse:
-    return fusion.apf_rank(res.scores, res.valid, cand, cos, tau, spec.top_n)
+    return fusion.apf_rank(res.scores, res.valid, cand, cos, tau, spec.top_n, fixed_sigma)
   return fusion.unfused_rank(res.scores, res.valid, cand, cos, spec.top_n)
 
 
@@ -225,5 +227,6 @@ class Generator:
     put = self._put
     out = generate(self.graphdef, self.params, self.item_keys, put(arrays["tokens"]),
                    put(arrays["inject_items"]), put(arrays["attn_mask"]), self.feats, tables,
-                   self.bucket_table, put(mask), tau, spec=self.spec)
+                   self.bucket_table, put(mask), tau,
+                   float(self.cfg.generation.apf_fixed_sigma), spec=self.spec)
     return jax.device_get(out)

@@ -526,6 +526,53 @@ def apply(graphdef: nnx.GraphDef, params: nnx.State, *args, method: str = "__cal
   return getattr(model, method)(*args, **kwargs)
 
 
+def copy_params(fresh: nnx.State, src: nnx.State, *, source: str, keep_fresh=(),
+                hint: str = "") -> nnx.State:
+  """``fresh``'s Decoder parameters with ``src``'s values copied in (another decoder's weights).
+
+  Every parameter of ``fresh`` takes ``src``'s value of the same shape, except those under the
+  top-level names ``keep_fresh`` (e.g. ``'lm_head'``), which keep their initialisation. The
+  vocabulary may grow: where ``src``'s ``embedding`` (or another 2-D table) has fewer rows than
+  ``fresh``'s and the same width, its rows are copied into the first rows and the remaining rows
+  (the SID tokens after the SentencePiece pieces) keep their initialisation.
+
+  Args:
+    fresh: a freshly initialised ``Decoder`` parameter State (sharded or not); the result keeps
+      each leaf's sharding.
+    src: the loaded ``Decoder`` parameters.
+    source: what ``src`` is, for error messages (e.g. "pretrained backbone").
+    keep_fresh: top-level parameter names not copied.
+    hint: appended to a shape error (what to check).
+
+  Returns:
+    A State shaped like ``fresh``.
+
+  Raises:
+    ValueError: ``src`` lacks a parameter, or a parameter's shape differs (both shapes named).
+  """
+  src_flat = dict(jax.tree_util.tree_flatten_with_path(src)[0])
+
+  def merge(key_path, leaf):
+    if key_path and getattr(key_path[0], "key", None) in keep_fresh:
+      return leaf
+    name = jax.tree_util.keystr(key_path)
+    value = src_flat.get(key_path)
+    if value is None:
+      raise ValueError(f"{source} lacks parameter {name}")
+    if value.shape == leaf.shape:
+      new = value
+    elif (value.ndim == leaf.ndim == 2 and value.shape[1] == leaf.shape[1]
+          and value.shape[0] < leaf.shape[0]):
+      new = jnp.asarray(leaf).at[:value.shape[0]].set(value)  # new vocabulary rows stay fresh
+    else:
+      raise ValueError(f"{source} parameter {name} has shape {tuple(value.shape)}; this "
+                       f"model's is {tuple(leaf.shape)}{hint}")
+    sharding = getattr(leaf, "sharding", None)
+    return jax.device_put(new, sharding) if sharding is not None else jnp.asarray(new)
+
+  return jax.tree_util.tree_map_with_path(merge, fresh)
+
+
 def last_token_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
   """Hidden state at each row's last real position.
 

@@ -35,6 +35,8 @@ def run(cfg, workdir: str) -> dict:
                       "top_n": int(g.top_n), "apf_tau": float(g.apf_tau),
                       "invalid_or_duplicate_items": "impossible by construction; measured as "
                                                     "invalid_share"}}
+  if float(g.apf_fixed_sigma) > 0:  # σ fixed instead of adaptive (sigma_fixed_fusion)
+    out["protocol"]["apf_fixed_sigma"] = float(g.apf_fixed_sigma)
   utils.atomic_write(wd.path(workdir, wd.EVAL_RANKS), lambda f: np.savez(f, **ranks), "wb")
   utils.write_json(wd.path(workdir, wd.EVAL_METRICS), out)
   return {t: {s: round(v.get("hr@10", 0.0), 4) for s, v in r.items()} for t, r in results.items()}

@@ -3,7 +3,8 @@
 Artifacts in ``WORKDIR/ground``: ``item_text_emb.npy`` [N, E] (grounded, from the step with the
 best validation pair recall), ``raw_text_emb.npy`` [N, E] (TF-IDF + PCA, un-grounded: the
 `sigma_no_grounding` ablation), ``report.json`` (pair Recall@10 before and after grounding),
-``metrics.jsonl`` and ``ckpt/``.
+``metrics.jsonl``, ``ckpt/`` and ``tower/`` (the text tower's decoder at the best-validation step,
+the step ``item_text_emb.npy`` comes from; ``sft.init='grounded'`` starts SFT from it).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sigma_jax import distributed, parallel, utils, workdir as wd
+from sigma_jax import checkpoint, distributed, parallel, utils, workdir as wd
 from sigma_jax.data import loader, pairs, text
 from sigma_jax.models import grounding
 from sigma_jax.train import ground, loop, optim, pretrain
@@ -69,6 +70,11 @@ def run(cfg, workdir: str) -> dict:
       if rec["val_pair_recall@10"] > meta["best_val"]:
         meta["best_val"], meta["best_step"] = rec["val_pair_recall@10"], meta["step"]
         st["best_emb"] = parallel.put_replicated(emb, mesh)
+        # The decoder behind these embeddings. A resumed run that finds this best again saves
+        # it again (same step, same weights); the stage reads back meta's best step.
+        with checkpoint.Checkpointer(wd.path(workdir, wd.GROUND_TOWER), max_to_keep=1,
+                                     async_save=False) as tower:
+          tower.save(meta["step"], st["params"]["backbone"], {"step": meta["step"]})
     return st, rec
 
   def begin(st, meta):

@@ -8,6 +8,8 @@ grounded item embeddings. Artifacts in ``WORKDIR/ground``: ``item_text_emb.npy``
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Callable
 
 import jax
@@ -15,9 +17,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sigma_jax import distributed, parallel, workdir as wd
+from sigma_jax import checkpoint, distributed, parallel, utils, workdir as wd
 from sigma_jax.data import text
 from sigma_jax.models import grounding
+from sigma_jax.train import optim
+
+# The model.* fields that decide the text tower's parameter shapes: a backbone that starts from
+# the tower (sft.init='grounded') must agree with the ground stage's recipe on each of them.
+SHAPE_FIELDS = ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                "qk_norm", "tie_embeddings")
 
 
 def load_item_id_embeddings(workdir: str, num_items: int) -> np.ndarray:
@@ -98,3 +106,87 @@ def make_encoder(graphdef, ids: np.ndarray, mask: np.ndarray, chunk: int, mesh,
       out.append(np.asarray(encode(params, batch["t"], batch["m"]))[:chunk - pad])
     return np.concatenate(out)
   return embed
+
+
+def tower_recipe(workdir: str) -> dict:
+  """The finished ground stage's recipe (``WORKDIR/ground/recipe.json``): the config its tower
+  was trained under. FileNotFoundError when the stage has not finished."""
+  if not wd.is_done(workdir, "ground"):
+    raise FileNotFoundError(f"{wd.stage_dir(workdir, 'ground')} is not finished: run the "
+                            "'ground' stage first (sft.init='grounded' starts from its tower)")
+  path = wd.recipe_path(workdir, "ground")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: the ground stage's tower shape is unknown; "
+                            "re-run the 'ground' stage")
+  return utils.read_json(path)
+
+
+def tower_shape_mismatches(model_cfg, recipe: dict) -> list[str]:
+  """'model.F: tower V1, here V2' for each ``SHAPE_FIELDS`` field where ``model_cfg`` differs
+  from the ground stage's ``recipe``."""
+  out = []
+  for f in SHAPE_FIELDS:
+    key = f"model.{f}"
+    if key in recipe and recipe[key] != model_cfg[f]:
+      out.append(f"{key}: text tower {recipe[key]!r}, here {model_cfg[f]!r}")
+  return out
+
+
+def load_tower_backbone(cfg, workdir: str, spm_size: int, mesh) -> tuple[nnx.State, int]:
+  """The ground stage's text-tower decoder: the one behind ``item_text_emb.npy``.
+
+  That is ``WORKDIR/ground/tower`` at the stage's best-validation step. A ground stage run
+  before ``tower/`` was written has only its training checkpoint: the tower at the end of
+  training is used then (a warning says so). The tower is rebuilt with the model fields of the
+  stage's recipe, so a tower of another shape than ``cfg.model`` still loads (and the caller's
+  shape check names the difference).
+
+  Args:
+    cfg: the run's config (its ``model`` fills fields the recipe lacks).
+    workdir: a work directory whose ground stage has finished.
+    spm_size: the SentencePiece vocabulary (the tower's vocabulary).
+    mesh: where the restored arrays go (sharded by their logical axes).
+
+  Returns:
+    (the tower's ``backbone`` parameter State, the step it was saved at).
+  """
+  recipe = tower_recipe(workdir)
+  mcfg = _model_cfg(cfg, spm_size)
+  for f in SHAPE_FIELDS:
+    if f"model.{f}" in recipe:
+      mcfg[f] = recipe[f"model.{f}"]
+  emb = np.load(wd.require(workdir, wd.GROUND_TEXT_EMB, "ground"), mmap_mode="r")
+  rules = cfg.axis_rules
+  abstract = nnx.split(nnx.eval_shape(
+      lambda: grounding.TextTower(mcfg, int(emb.shape[1]), rngs=nnx.Rngs(0))))[1]
+  param_sh = parallel.state_shardings(abstract, mesh, rules)
+  params = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        abstract, param_sh)
+  tower_dir = wd.path(workdir, wd.GROUND_TOWER)
+  if os.path.isdir(tower_dir):
+    best = utils.read_json(wd.done_marker(workdir, "ground")).get("best_step")
+    with checkpoint.Checkpointer(tower_dir, max_to_keep=1, async_save=False) as ckpt:
+      if best is None or int(best) not in ckpt.all_steps():
+        raise FileNotFoundError(f"{tower_dir} lacks the best step {best} of the ground stage "
+                                f"(it has {ckpt.all_steps()}); re-run the 'ground' stage")
+      step, state, _ = ckpt.restore(params["backbone"], step=int(best))
+    return state, int(step)
+  logging.warning("%s is missing (a ground stage run before it was written): starting from the "
+                  "tower at the end of grounding, not at its best-validation step", tower_dir)
+  g = cfg.ground
+  tx, _ = optim.make_optimizer(g.learning_rate, g.warmup_steps, max(1, int(g.steps)),
+                               g.weight_decay)
+  opt_sh = parallel.optimizer_shardings(tx, params, param_sh, mesh)
+  opt = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                     jax.eval_shape(tx.init, params), opt_sh)
+  repl = parallel.replicated(mesh)
+  target = {"params": params, "opt": opt,
+            "step": jax.ShapeDtypeStruct((), np.int32, sharding=repl),
+            "best_emb": jax.ShapeDtypeStruct(emb.shape, np.float32, sharding=repl)}
+  directory = wd.ckpt_dir(workdir, "ground")
+  with checkpoint.Checkpointer(directory, max_to_keep=2, async_save=False) as ckpt:
+    restored = ckpt.restore(target)
+  if restored is None:
+    raise FileNotFoundError(f"{directory} has no checkpoint: run the 'ground' stage first")
+  step, state, _ = restored
+  return state["params"]["backbone"], int(step)

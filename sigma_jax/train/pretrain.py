@@ -18,14 +18,14 @@ Outputs under ``workdir/pretrain/``:
   report.json    held-out LM loss before and after, steps, corpus size
 
 Which later stages use it is ``pretrain.use``: ``auto`` (whenever ``backbone/`` exists),
-``always`` (an error when it does not) or ``never``.
+``always`` (an error when it does not) or ``never``; for SFT only under ``sft.init='auto'``
+(``'pretrain'`` always loads it, ``'scratch'`` and ``'grounded'`` never do).
 """
 from __future__ import annotations
 
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -135,13 +135,15 @@ def backbone_dir(workdir: str) -> str:
   return wd.path(workdir, wd.PRETRAIN_BACKBONE)
 
 
-def resolve(cfg, workdir: str) -> str | None:
+def resolve(cfg, workdir: str, use: str | None = None) -> str | None:
   """The pretrained backbone directory the later stages should start from, or None.
 
+  ``use`` overrides ``pretrain.use`` (``sft.init='pretrain'`` asks for ``'always'``).
+
   Raises:
-    FileNotFoundError: ``pretrain.use == 'always'`` and the stage has not written its backbone.
+    FileNotFoundError: ``use`` is ``'always'`` and the stage has not written its backbone.
   """
-  use = str(cfg.pretrain.use)
+  use = str(cfg.pretrain.use if use is None else use)
   if use not in USE_CHOICES:
     raise ValueError(f"pretrain.use={use!r}; choose from {USE_CHOICES}")
   path = backbone_dir(workdir)
@@ -149,12 +151,13 @@ def resolve(cfg, workdir: str) -> str | None:
   if use == "never" or (use == "auto" and not exists):
     return None
   if not exists:
-    raise FileNotFoundError(f"pretrain.use='always' but {path} is missing: run the 'pretrain' "
-                            "stage first (add it to --config.stages)")
+    raise FileNotFoundError(f"pretrain.use='always' (or sft.init='pretrain') but {path} is "
+                            "missing: run the 'pretrain' stage first (add it to --config.stages)")
   return path
 
 
-def load_into(params, workdir: str, cfg, spm_size: int) -> tuple[nnx.State, bool]:
+def load_into(params, workdir: str, cfg, spm_size: int,
+              use: str | None = None) -> tuple[nnx.State, bool]:
   """Overwrites a backbone's parameters with the pretrained ones (when ``resolve`` finds them).
 
   Args:
@@ -163,11 +166,12 @@ def load_into(params, workdir: str, cfg, spm_size: int) -> tuple[nnx.State, bool
       ``spm_size`` rows of ``embedding`` are copied and the new rows keep their initialisation.
     workdir, cfg: the run.
     spm_size: the SentencePiece vocabulary of the run's text tokenizer (the pretrained one).
+    use: overrides ``pretrain.use`` (see ``resolve``).
 
   Returns:
     (params, whether pretrained weights were loaded).
   """
-  path = resolve(cfg, workdir)
+  path = resolve(cfg, workdir, use)
   if path is None:
     return params, False
   pre_cfg = model_config(cfg, spm_size)
@@ -177,20 +181,5 @@ def load_into(params, workdir: str, cfg, spm_size: int) -> tuple[nnx.State, bool
     restored = ck.restore(abstract)
   if restored is None:
     raise FileNotFoundError(f"{path} holds no readable checkpoint; run 'pretrain' again")
-  pre_flat = dict(jax.tree_util.tree_flatten_with_path(restored[1])[0])
-
-  def merge(key_path, leaf):
-    src = pre_flat.get(key_path)
-    if src is None:
-      raise ValueError(f"pretrained backbone lacks parameter {jax.tree_util.keystr(key_path)}")
-    if src.shape == leaf.shape:
-      new = src
-    elif (src.ndim == leaf.ndim == 2 and src.shape[1] == leaf.shape[1]
-          and src.shape[0] < leaf.shape[0]):
-      new = jnp.asarray(leaf).at[:src.shape[0]].set(src)  # new vocabulary rows stay fresh
-    else:
-      raise ValueError(f"pretrained {jax.tree_util.keystr(key_path)} has shape {src.shape}; "
-                       f"this model's is {leaf.shape} (did model.* change since pretrain?)")
-    return jax.device_put(new, leaf.sharding)
-
-  return jax.tree_util.tree_map_with_path(merge, params), True
+  return backbone.copy_params(params, restored[1], source="pretrained backbone",
+                              hint=" (did model.* change since pretrain?)"), True

@@ -15,6 +15,7 @@ gradient norm, tokens/s) and ``tasks.json`` (examples per task and split).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import jax
@@ -25,8 +26,8 @@ from flax import nnx
 
 from sigma_jax import checkpoint, distributed, parallel, workdir as wd
 from sigma_jax.data import loader, prompts, tasks, text
-from sigma_jax.models import projfuse, sigma
-from sigma_jax.train import optim, pretrain, tokenize
+from sigma_jax.models import backbone, projfuse, sigma
+from sigma_jax.train import ground, optim, pretrain, tokenize
 
 MODES = ("sigma", "gr_sid", "gr_id")
 # JustForYou training layouts (sft.layout): one sequence per user with a loss at every history
@@ -34,6 +35,9 @@ MODES = ("sigma", "gr_sid", "gr_id")
 # examples as per_position, batched user by user, with each user's history computed once for all
 # its positions (``prompts.pack`` with shared histories; the same per-example loss).
 LAYOUTS = ("sequence", "per_position", "one_pass")
+# Where the backbone starts (sft.init): as pretrain.use says (the behaviour before the option),
+# the pretrain stage's decoder (required), fresh, or the ground stage's text tower.
+INITS = ("auto", "pretrain", "scratch", "grounded")
 
 
 def uses_sequence_layout(cfg, mode: str) -> bool:
@@ -231,17 +235,44 @@ def make_train_step(graphdef, tx, mu: float, tau: float, mesh, rules, state_sh, 
                  out_shardings=(state_sh, repl), donate_argnums=0)
 
 
+def init_backbone(cfg, params, workdir: str, spm_size: int, mesh) -> tuple[object, str]:
+  """A fresh backbone's parameters started as ``sft.init`` says: (params, where they came from:
+  'scratch', 'pretrain' or 'grounded').
+
+  ``grounded`` copies the ground stage's text tower (DESIGN §2: the backbone is the text tower):
+  its layers, norms and the first ``spm_size`` (SentencePiece) rows of the embedding. The SID
+  token rows, and ``lm_head`` when the embeddings are not tied (grounding never trains it), keep
+  their fresh initialisation, as do ProjFuse and ``q_proj`` outside the backbone. A tower of
+  another shape is a ValueError naming both shapes.
+  """
+  init = str(cfg.sft.init)
+  if init not in INITS:
+    raise ValueError(f"sft.init must be one of {INITS}, got {init!r}")
+  if init == "scratch":
+    return params, "scratch"
+  if init == "grounded":
+    tower, _ = ground.load_tower_backbone(cfg, workdir, spm_size, mesh)
+    where = wd.stage_dir(workdir, "ground")
+    return backbone.copy_params(
+        params, tower, source=f"the ground stage's text tower in {where}", keep_fresh=("lm_head",),
+        hint=" (sft.init='grounded' needs the SFT backbone to have the text tower's shape: "
+             "model.* as when the ground stage ran)"), "grounded"
+  params, loaded = pretrain.load_into(params, workdir, cfg, spm_size,
+                                      use="always" if init == "pretrain" else None)
+  return params, "pretrain" if loaded else "scratch"
+
+
 def init_state(cfg, assets: Assets, mesh, total_steps: int, workdir: str | None = None):
   """Model, optimizer and step, born sharded: (graphdef, state, state_shardings, tx, schedule).
 
-  With ``workdir`` the backbone starts from the pretrain stage's decoder when ``pretrain.use``
-  finds one there.
+  With ``workdir`` the backbone starts as ``sft.init`` says (``init_backbone``); without, fresh.
   """
   s = cfg.sft
   graphdef, params = build_model(cfg, assets, mesh)
   if workdir is not None:
-    params["backbone"], _ = pretrain.load_into(params["backbone"], workdir, cfg,
-                                               assets.tok.spm_size)
+    params["backbone"], source = init_backbone(cfg, params["backbone"], workdir,
+                                               assets.tok.spm_size, mesh)
+    logging.info("sft: the backbone starts from %s (sft.init=%r)", source, str(s.init))
   tx, schedule = optim.make_optimizer(s.learning_rate, s.warmup_steps, total_steps,
                                       s.weight_decay)
   state, state_sh = parallel.train_state(tx, params, mesh, cfg.axis_rules)

@@ -37,6 +37,10 @@ def test_shipped_configs_are_valid(module, arg):
     (dict(tokenizer__source="image"), r"tokenizer\.source must be one of .* got 'image'"),
     (dict(sft__layout="rows"), r"sft\.layout must be one of .* got 'rows'"),
     (dict(sft__layout="one_pass", sft__pack=False), r"one_pass.*needs sft\.pack=True"),
+    (dict(sft__init="warm"), r"sft\.init must be one of .* got 'warm'"),
+    # The default stages leave the optional pretrain stage out.
+    (dict(sft__init="pretrain"), r"sft\.init='pretrain' starts SFT from the 'pretrain' stage, "
+                                 r"which is neither in config\.stages nor done"),
     # 8 fake devices, all on the data axis.
     (dict(sft__batch_size=12), r"sft\.batch_size=12 is not divisible by the 8 data-parallel"),
     (dict(ground__batch_pairs=3),
@@ -64,6 +68,20 @@ def test_free_dataset_name_with_format_and_files():
   pipeline.validate(_cfg(dataset__name="my_shop", dataset__format="amazon_p5",
                          dataset__manual_dir="/data/my_shop"))
   pipeline.validate(_cfg(dataset__format="movielens"))  # the format the name implies
+
+
+def test_sft_init_needs_the_stage_it_starts_from(tmp_path):
+  cfg = _cfg(sft__init="grounded")
+  pipeline.validate(cfg)  # the default stages run ground before sft
+  cfg.stages = "sft"
+  with pytest.raises(ValueError, match=r"sft\.init='grounded' starts SFT from the 'ground' "
+                                       r"stage, which is neither"):
+    pipeline.validate(cfg, str(tmp_path))
+  cfg = _cfg(sft__init="pretrain")
+  cfg.stages = "data,text_tokenizer,collab,pretrain,ground,tokenize,sft"
+  pipeline.validate(cfg)  # ... unless it runs first
+  for init in ("auto", "scratch"):  # need nothing
+    pipeline.validate(_cfg(sft__init=init))
 
 
 def test_beams_fit_a_longer_prefix_and_other_modes():

@@ -160,6 +160,40 @@ def test_tau_sweep_cache_follows_the_grid(tmp_path, monkeypatch):
   compare.select_tau(cfg, str(tmp_path), ["0.003"])
   assert calls == [(0.003, None)]
   assert len(utils.read_json(str(tmp_path / tau.CACHE))["sweeps"]) == 3
+  # So does a fixed σ (an adaptive sweep's settings have no such key: older caches still match).
+  calls.clear()
+  cfg.generation.apf_fixed_sigma = 1.0
+  compare.select_tau(cfg, str(tmp_path), ["0.003"])
+  assert calls == [(0.003, None)]
+  sweeps = utils.read_json(str(tmp_path / tau.CACHE))["sweeps"]
+  assert [e["settings"].get("apf_fixed_sigma") for e in sweeps] == [None, None, None, 1.0]
+
+
+def test_fixed_sigma_row_sweeps_its_own_grid(tmp_path, monkeypatch):
+  """sigma_fixed_fusion reuses sigma's SFT and chooses its constant σ/τ on validation from the
+  fixed-σ grid; an adaptive row sweeps --taus."""
+  from configs import base, demo
+  from sigma_jax import experiment
+
+  grids = []
+
+  def fake_select(cfg, rdir, taus, tau_limit=0):
+    grids.append((os.path.basename(rdir), float(cfg.generation.apf_fixed_sigma), list(taus)))
+    return {"chosen_tau": float(taus[-1]), "validation_mean_ndcg@10": {}}
+
+  monkeypatch.setattr(compare, "select_tau", fake_select)
+  monkeypatch.setattr(experiment.pipeline, "run", lambda *a, **k: None)
+  cfg = demo.get_config()
+  res = experiment.run_row(cfg, str(tmp_path), "sigma_fixed_fusion", ["0.01"], base.apply_variant,
+                           select_only=True, fixed_taus=["0.1", "0.3"])
+  assert grids == [("sigma_fixed_fusion", 1.0, ["0.1", "0.3"])]
+  assert res["tau"]["chosen_tau"] == 0.3 and res["tau"]["apf_fixed_sigma"] == 1.0
+  assert abs(res["tau"]["sigma_over_tau"] - 1 / 0.3) < 1e-9
+  assert res["tau"]["reuses_sft_of"] == "sigma"
+  assert os.path.islink(os.path.join(compare.row_dir(str(tmp_path), "sigma_fixed_fusion"), "sft"))
+  experiment.run_row(cfg, str(tmp_path), "sigma", ["0.01"], base.apply_variant,
+                     select_only=True, fixed_taus=["0.1", "0.3"])
+  assert grids[-1] == ("sigma", 0.0, ["0.01"])
 
 
 def test_plots_and_diagnostics_read_the_same_sweep(tmp_path, monkeypatch):
@@ -210,7 +244,8 @@ def test_rows_are_config_variants():
           "gr_sid": {"generation.mode": "gr_sid", "sft.max_len": 192},
           "gr_id": {"generation.mode": "gr_id"},
           "sigma_no_grounding": {"tokenizer.source": "raw"},
-          "sigma_no_apf": {"generation.fuse": False}}
+          "sigma_no_apf": {"generation.fuse": False},
+          "sigma_fixed_fusion": {"generation.apf_fixed_sigma": 1.0}}
   assert base.ROW_VARIANTS == want
   assert set(compare.MODEL_ROWS) == set(want)
   for module in (beauty, scientific, movielens, demo):
@@ -255,9 +290,11 @@ def test_launch_compare_rows_come_from_the_configs(tmp_path, monkeypatch):
 
   seen = {}
 
-  def fake_run(cfg, workdir, rows, taus, *, configure, tau_limit, select_only, command):
+  def fake_run(cfg, workdir, rows, taus, *, configure, tau_limit, select_only, command,
+               fixed_taus):
     seen.update(workdir=workdir, rows=rows, taus=taus, configure=configure,
-                tau_limit=tau_limit, select_only=select_only, command=command)
+                tau_limit=tau_limit, select_only=select_only, command=command,
+                fixed_taus=fixed_taus)
     m = {"hr@1": .1, "hr@5": .2, "hr@10": .3, "hr@20": .4, "ndcg@10": .25}
     return {"rows": {"sigma": {split: {"justforyou": m} for split in ("validation", "test")}},
             "paired_vs_sigma": {"rows": {}, "missing": []}}
@@ -279,6 +316,7 @@ def test_launch_compare_rows_come_from_the_configs(tmp_path, monkeypatch):
   run_cli(f"--out={tmp_path}/out")
   assert seen["configure"] is base.apply_variant
   assert seen["rows"] == ["sigma"] and seen["taus"] == ["0.01"] and seen["tau_limit"] == 5
+  assert seen["fixed_taus"] == list(compare.FIXED_SIGMA_TAUS)
   assert seen["command"].startswith("python -m launch.compare ")
   assert utils.read_json(str(tmp_path / "out" / "demo.json"))["rows"]["sigma"]
   assert "| sigma |" in (tmp_path / "out" / "demo.md").read_text()

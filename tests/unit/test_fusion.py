@@ -41,6 +41,45 @@ def test_apf_matches_numpy_reference():
   np.testing.assert_allclose(np.asarray(full.scores).sum(1), 1.0, rtol=1e-5)
 
 
+def test_fixed_sigma_matches_numpy_reference():
+  """generation.apf_fixed_sigma: the same σ for every query, instead of std(φ)."""
+  rng = np.random.default_rng(3)
+  scores, valid, items, cos = beam_outputs(rng, 4, 5, 4, invalid_rows=[(1, 3), (2, 1)])
+  tau, top_n, fixed = 0.1, 30, 0.05
+  got = fusion.apf_rank(scores, valid, items, cos, tau, top_n, fixed_sigma=fixed)
+  want_items, want_p = fusion.apf_reference(scores, valid, items, cos, tau, top_n,
+                                            fixed_sigma=fixed)
+  np.testing.assert_array_equal(got.items, want_items)
+  np.testing.assert_allclose(got.scores, want_p, rtol=1e-5, atol=1e-7)
+  # Written out: P(v_i | T) = φ_k / Σ φ · softmax_{bucket k}(cos · σ / τ), σ the constant.
+  for b in range(len(items)):
+    phi = np.where(valid[b], np.exp(scores[b].astype(np.float64)), 0.0)
+    for n in np.flatnonzero(np.asarray(got.valid[b])):
+      k = int(got.beam[b, n])
+      members = items[b, k] >= 0
+      z = cos[b, k][members].astype(np.float64) * fixed / tau
+      m = list(items[b, k][members]).index(int(got.items[b, n]))
+      p = phi[k] / phi.sum() * np.exp(z[m] - z.max()) / np.exp(z - z.max()).sum()
+      np.testing.assert_allclose(float(got.scores[b, n]), p, rtol=1e-5)
+  # The queries' adaptive σ differ from the constant, and so does the adaptive fusion.
+  _, adaptive_sigma, _ = fusion.apf_terms(jnp.asarray(scores), jnp.asarray(valid),
+                                          jnp.asarray(cos), jnp.asarray(items), tau)
+  _, fixed_sigma, _ = fusion.apf_terms(jnp.asarray(scores), jnp.asarray(valid),
+                                       jnp.asarray(cos), jnp.asarray(items), tau, fixed)
+  np.testing.assert_allclose(fixed_sigma, fixed)
+  assert np.all(np.abs(np.asarray(adaptive_sigma) - fixed) > 1e-3)
+  adaptive = fusion.apf_rank(scores, valid, items, cos, tau, top_n)
+  assert not np.allclose(np.asarray(adaptive.scores), np.asarray(got.scores))
+  # A constant equal to a query's own adaptive σ gives that query's adaptive fusion; 0 (the
+  # default) is the adaptive σ itself.
+  for b in (0, 3):
+    one = fusion.apf_rank(scores[b:b + 1], valid[b:b + 1], items[b:b + 1], cos[b:b + 1], tau,
+                          top_n, fixed_sigma=float(adaptive_sigma[b]))
+    np.testing.assert_allclose(one.scores[0], adaptive.scores[b], rtol=1e-5, atol=1e-7)
+  off = fusion.apf_rank(scores, valid, items, cos, tau, top_n, fixed_sigma=0.0)
+  np.testing.assert_array_equal(off.items, adaptive.items)
+
+
 def test_large_sigma_sharpens_the_item_distribution():
   k, m = 5, 6
   cos = np.tile(np.linspace(-0.5, 0.9, m, dtype=np.float32), (2, k, 1))  # [2, K, M]
