@@ -31,7 +31,9 @@ from sigma_jax.eval import compare
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the comparison.")
-_ROWS = flags.DEFINE_list("rows", list(compare.ROWS), "Rows to run.")
+_ROWS = flags.DEFINE_list("rows", list(compare.ROWS), "Rows to run; '<row>@all_items' is the "
+                          "row's model ranked under TIGER's protocol (history items ranked too, "
+                          "τ chosen on validation under it), e.g. sigma@all_items.")
 _TAUS = flags.DEFINE_list("taus", list(compare.DEFAULT_TAUS),
                           "APF temperatures tried on validation.")
 _FIXED_TAUS = flags.DEFINE_list(

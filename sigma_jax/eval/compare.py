@@ -37,6 +37,10 @@ MODEL_ROWS = {  # row -> (its own stages, the row whose sft it reuses); config: 
     "sigma_no_apf": (("eval",), "sigma"),
     "sigma_fixed_fusion": (("eval",), "sigma"),
 }
+# A row named "<row>@all_items" is <row>'s model ranked under TIGER's protocol: every catalogue
+# item ranked, the user's own history items included (dataset.exclude_history=false). It reuses
+# <row>'s trained stages; its τ is chosen on validation under that protocol.
+ALL_ITEMS = "@all_items"
 DEFAULT_TAUS = ("0.003", "0.01", "0.03", "0.1")
 # The τ grid of a row with a fixed σ (generation.apf_fixed_sigma = 1): its item logits are
 # cos · σ / τ with one σ for every query, so choosing τ chooses the constant σ/τ. The grid spans
@@ -56,11 +60,40 @@ def row_dir(workdir: str, row: str) -> str:
   return os.path.join(workdir, "rows", row)
 
 
+def split_row(name: str) -> tuple[str, bool]:
+  """'sigma@all_items' -> ('sigma', True); 'sigma' -> ('sigma', False).
+
+  Raises ValueError naming the choices for an unknown row or protocol suffix.
+  """
+  row, at, protocol = name.partition("@")
+  if row not in ROWS or (at and at + protocol != ALL_ITEMS):
+    raise ValueError(f"unknown row {name!r}; choose from {', '.join(ROWS)}, each optionally "
+                     f"with the suffix {ALL_ITEMS} (TIGER's protocol: history items ranked too)")
+  return row, bool(at)
+
+
+def ordered_rows(names) -> list:
+  """The requested rows in table order: each row of ``ROWS``, then its ``@all_items`` twin."""
+  wanted = set(names)
+  for n in wanted:
+    split_row(n)
+  return [n for row in ROWS for n in (row, row + ALL_ITEMS) if n in wanted]
+
+
+def protocol_config(cfg, all_items: bool):
+  """``cfg`` (in place) under TIGER's protocol when ``all_items``: history items ranked too."""
+  if all_items:
+    cfg.dataset.exclude_history = False
+  return cfg
+
+
 def row_config(cfg, row: str, configure: Configure):
-  """The row's config: a resolved copy of ``cfg`` with the row's variant applied."""
-  if row not in MODEL_ROWS:
-    raise ValueError(f"unknown row {row!r}; choose from {', '.join(MODEL_ROWS)}")
-  return configure(cfg.copy_and_resolve_references(), row)
+  """The row's config: a resolved copy of ``cfg`` with the row's variant (and, for an
+  ``@all_items`` row, TIGER's protocol) applied."""
+  base, all_items = split_row(row)
+  if base not in MODEL_ROWS:
+    raise ValueError(f"{row!r} is not a generative row; those are {', '.join(MODEL_ROWS)}")
+  return protocol_config(configure(cfg.copy_and_resolve_references(), base), all_items)
 
 
 def select_tau(cfg, rdir: str, taus, tau_limit: int = 0) -> dict:
@@ -113,7 +146,7 @@ def collab_row(cfg, workdir: str) -> dict:
   return row
 
 
-def popular_row(cfg, workdir: str) -> dict:
+def popular_row(cfg, workdir: str, row: str = "popular") -> dict:
   """The ``popular`` row (``sigma_jax.eval.popular``): needs the data stage only.
 
   Ranks every task's validation and test examples (``generation.eval_tasks``, at most
@@ -138,7 +171,7 @@ def popular_row(cfg, workdir: str) -> dict:
   results = evaluate.evaluate(cfg, ds, ranker, task_names=sft.task_list(g.eval_tasks),
                               limit=int(g.eval_limit) or None, progress=bool(cfg.progress),
                               ranks_out=ranks)
-  rdir = row_dir(workdir, "popular")
+  rdir = row_dir(workdir, row)
   os.makedirs(wd.stage_dir(rdir, "eval"), exist_ok=True)
   metrics = {"tasks": results, "mode": "popular",
              "protocol": {"ranking": "training-split popularity (ties: lower item index); hard "
@@ -193,6 +226,10 @@ def result(cfg, workdir: str, rows: dict, timing: dict, command: str) -> dict:
                                         "one bucket per item); measured as invalid_share",
           "selection": "collab: epoch by validation NDCG@10; sigma rows: APF τ by validation "
                        "mean NDCG@10; test evaluated once",
+          "rows_named_row@all_items": "TIGER's protocol: the row's model with every item "
+                                      "ranked, history items included; τ chosen on validation "
+                                      "under it; collab@all_items re-ranks with the parameters of "
+                                      "the epoch collab selected under its own run's protocol",
           "sft": {"epochs": float(cfg.sft.epochs), "tasks": cfg.sft.tasks or "all available",
                   "id_negatives": str(cfg.sft.id_negatives),
                   "backbone": cfg.model.size},
@@ -244,7 +281,8 @@ def paired(workdir: str, rows, reference: str = "sigma", k: int = 10) -> dict:
   """Paired bootstrap of test NDCG@k, reference row minus each other generative row, per task.
 
   Uses each row's WORKDIR/rows/<row>/eval/ranks.npz (per-example target ranks). Rows evaluated
-  before ranks were saved are listed under "missing"; re-running their eval stage adds them.
+  before ranks were saved are listed under "missing"; re-running their eval stage adds them. An
+  ``@all_items`` row is compared with ``<reference>@all_items`` (the same protocol).
   """
   import numpy as np
   from sigma_jax.eval import metrics as M
@@ -255,12 +293,17 @@ def paired(workdir: str, rows, reference: str = "sigma", k: int = 10) -> dict:
 
   out = {"reference": reference, "metric": f"ndcg@{k}", "split": "test", "resamples": 2000,
          "interval": "95% percentile bootstrap over examples, paired", "rows": {}, "missing": []}
-  ref = load(reference) if reference in rows else None
-  if ref is None:
-    out["missing"].append(reference)
-    return out
+  refs = {}
+  for suffix in ("", ALL_ITEMS):
+    if any(r.endswith(ALL_ITEMS) == bool(suffix) for r in rows):
+      name = reference + suffix
+      refs[suffix] = load(name) if name in rows else None
+      if refs[suffix] is None:
+        out["missing"].append(name)
   for row in rows:
-    if row in (reference, "collab"):
+    suffix = ALL_ITEMS if row.endswith(ALL_ITEMS) else ""
+    ref = refs.get(suffix)
+    if row in (reference + suffix, "collab" + suffix) or ref is None:
       continue
     other = load(row)
     if other is None:
@@ -278,7 +321,10 @@ def paired_markdown(paired: dict) -> str:
   if not paired.get("rows"):
     return ""
   tasks = sorted({t for r in paired["rows"].values() for t in r})
-  lines = [f"## {paired['reference']} minus each row: test {paired['metric'].upper()}, "
+  ref = paired["reference"]
+  if any(r.endswith(ALL_ITEMS) for r in paired["rows"]):
+    ref = f"{ref} (for an {ALL_ITEMS} row: {ref}{ALL_ITEMS})"
+  lines = [f"## {ref} minus each row: test {paired['metric'].upper()}, "
            f"{paired['interval']} ({paired['resamples']} resamples; * the interval excludes 0)",
            "", "| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
   for row, r in paired["rows"].items():
