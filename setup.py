@@ -28,6 +28,11 @@ setuptools.setup(
         "tensorboardX==2.6.5",  # TensorBoard event files beside each stage's metrics.jsonl
         "matplotlib==3.11.2",  # sigma_jax.plots
     ],
-    extras_require={"test": ["pytest>=8.0", "pytest-xdist==3.8.0", "nbclient==0.11.0",
-                             "nbformat==5.11.1", "ipykernel==7.4.0"]},
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist==3.8.0", "nbclient==0.11.0", "nbformat==5.11.1",
+                 "ipykernel==7.4.0"],
+        # The accelerator builds of the pinned JAX (jax's own extras: CUDA 12 plugin, libtpu).
+        "gpu": ["jax[cuda12]==0.10.2"],
+        "tpu": ["jax[tpu]==0.10.2"],
+    },
 )

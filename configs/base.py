@@ -56,10 +56,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.stages = "default"
 
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "beauty"  # beauty | scientific | movielens | demo
-  c.dataset.manual_dir = ""  # original files; default $SIGMA_DATA_DIR/<dataset subdir>
+  # Any name (lower-case letters, digits, '_'); it names the TFDS dataset sigma_<name>, stats
+  # and docs/results/<name>.json. Known names: beauty | scientific | movielens | demo.
+  c.dataset.name = "beauty"
+  # File format: amazon_p5 | unisrec | movielens (docs/DATASETS.md). Empty: the one a known
+  # name implies (beauty: amazon_p5, scientific: unisrec, movielens and demo: movielens).
+  c.dataset.format = ""
+  # The original files; a name that is not a known one needs it. Default for a known name:
+  # $SIGMA_DATA_DIR/<its subdirectory> (the demo: sigma_jax/data/demo).
+  c.dataset.manual_dir = ""
   c.dataset.tfds_dir = ""  # where the TFDS array_record dataset goes; default WORKDIR/tfds
-  c.dataset.max_history = 20
+  c.dataset.max_history = 20  # a history keeps its last max_history items (TIGER's split)
   # Rank the items of a user's own history last, in every row (collab and the generator).
   # Beauty, MovieLens and the demo never repeat an item within a user's sequence (the data
   # stage reports `repeat_share` = 0), so an already-seen item is never the answer there;
@@ -134,7 +141,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.tasks.holiday_days = 14  # a holiday window: this many days up to the holiday
   c.tasks.query_min_terms = 1  # query terms drawn uniformly in [min, max] ...
   c.tasks.query_max_terms = 3
-  c.tasks.query_min_matches = 2  # ... a term added only while this many items still match
+  # ... each term (from the target's title, categories, tags, brand) kept only while this many
+  # items still match, so a query never names its target; a target with no such query is
+  # dropped from Query (sft/tasks.json: query.<split>.dropped, matches_median, matches_min).
+  c.tasks.query_min_matches = 50
   c.tasks.max_train_per_user = 50  # training examples per user and task; 0: all
   c.tasks.phrasings_seed = 0  # seeds every per-example choice
 

@@ -4,14 +4,33 @@ r"""Benchmarks of sigma_jax; one subcommand per benchmark, each prints ONE JSON 
   python -m launch.benchmark decode --items=20000 --batches=1,8 --reps=3
   python -m launch.benchmark sft_step --config=configs/beauty.py --workdir=runs/beauty \
       --timed_steps=10
+  python -m launch.benchmark profile                     # MFU, eval users/s, time by part
 
 Subcommands (add one by writing a `_<name>(argv) -> dict` function and listing it in
 `SUBCOMMANDS`; flags are absl flags shared by all subcommands, each documented with the one
 that reads it):
 
+`sft_layouts` (docs/PERFORMANCE.md "One-pass SFT"): per-position vs one-pass SFT batches:
+rows and real tokens per epoch, and step time; see `_sft_layouts`.
+
 `sft_step` (docs/PERFORMANCE.md "SFT sequence packing"): one SFT training step, unpacked vs
 packed (`sft.pack`), on a config's real data and a work directory's finished stages; see
 `_sft_step`.
+
+`profile` (docs/PERFORMANCE.md "Profile"): one run on synthetic data shaped like Beauty
+(`--config`, default configs/beauty.py; `--profile_items` = 12,101 random SIDs; evaluation
+prompts of `--history` = 20 items, SFT examples of 1..20; `sigma_jax/profile.py` builds them
+and counts model FLOPs analytically). `matmul_flops_per_s` is the best dense f32 matmul rate of
+`--matmul_sizes` (best of max(3, `--reps`) runs each); `mfu_sft` = the SFT step's model FLOP/s
+(the config's batch, packed, the stage's jitted step) / it; `mfu_decode` = the decode
+benchmark's prefill + constrained search (full SIDs, batch `generation.eval_batch`,
+`--prompt_len` random prompt tokens) / it; `eval_users_per_s` = `generation.eval_batch` /
+the median time of `Generator.recommend` on one batch (beam search, `<q>` pass, retrieval,
+APF, host prompt building: the three-step generation as evaluation runs it);
+`wall_time_s_by_part` times the SFT step's parts (host batch build, forward, forward +
+backward, optimizer, whole step) and the evaluation batch's (host prompts and mask, prefill,
+beam search, `<q>` pass, retrieval + fusion, the one `generate` program, the whole
+`recommend`), each jitted on its own; every time is the median of `--reps` interleaved rounds.
 
 `decode` (docs/PERFORMANCE.md "Decoding speed"). Two measurements:
 
@@ -67,6 +86,7 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
+import tqdm
 
 _BACKBONE = flags.DEFINE_string("backbone", "small", "decode: backbone size in configs/base.py.")
 _TEXT_VOCAB = flags.DEFINE_integer("text_vocab", 4000, "decode: text tokens before SID tokens.")
@@ -101,6 +121,15 @@ _WORKDIR = _shared_flag("workdir", flags.DEFINE_string, None, "sft_step: a work 
                         "stages before sft are done (its tokenizer, SIDs and item features).")
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 20,
                                     "sft_step: timed training steps per layout.")
+_EPOCH_BATCHES = flags.DEFINE_integer("epoch_batches", 0, "sft_layouts: batches built on the "
+                                      "host to count rows and tokens (0: the whole epoch).")
+_PROFILE_ITEMS = flags.DEFINE_integer("profile_items", 12_101,
+                                      "profile: synthetic catalogue size (Beauty: 12,101).")
+_HISTORY = flags.DEFINE_integer("history", 20, "profile: history items per evaluation prompt; "
+                                "SFT examples draw 1..history.")
+_MATMUL_SIZES = flags.DEFINE_list("matmul_sizes", [], "profile: MxKxN matmul shapes of the "
+                                  "FLOP/s roofline; default [B*T, d] x [d, 4d], its transpose "
+                                  "and 1024^3, 2048^3.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +406,161 @@ def _sft_step(argv: Sequence[str]) -> dict:
       wall_s=time.perf_counter() - t_start)
 
 
+def _sft_layouts(argv: Sequence[str]) -> dict:
+  """The `sft_layouts` benchmark: per-position vs one-pass SFT (`sft.layout`), both packed.
+
+  The two layouts train on the same examples with the same per-example loss
+  (tests/integration/test_one_pass.py); one-pass puts a user's positions in one batch and
+  computes their shared history once. Reported per layout: over one whole epoch (every batch
+  built on the host, or the first `--epoch_batches`), rows and real (non-padding) tokens; then
+  the median jitted step time over the first `--timed_steps` batches, the two layouts timed
+  alternately batch by batch from fresh states after an untimed pass that compiles every shape.
+  """
+  del argv
+  import jax
+  import numpy as np
+  from sigma_jax import parallel
+  from sigma_jax.data import loader
+  from sigma_jax.train import sft
+  cfg, workdir = _CONFIG(), _WORKDIR()
+  if cfg is None or not workdir:
+    raise app.UsageError("sft_layouts needs --config=configs/<name>.py and --workdir=<run>")
+  t_start = time.perf_counter()
+  ds = loader.load_dataset(cfg, workdir)
+  mesh = parallel.make_mesh(cfg.mesh)
+  cfg.sft.pack = True
+  lays = {}
+  for layout in ("per_position", "one_pass"):
+    cfg.sft.layout = layout
+    run = sft.setup(cfg, workdir, mesh, ds=ds, total_steps=1000)
+    epoch = run.steps_per_epoch
+    n = epoch if _EPOCH_BATCHES.value <= 0 else min(_EPOCH_BATCHES.value, epoch)
+    rows = tokens = 0
+    t0 = time.perf_counter()
+    for i in tqdm.tqdm(range(n), desc=f"{layout}: host batches", leave=False):
+      b = run.host_batch(i)
+      rows += len(b["tokens"])
+      tokens += int(b["attn_mask"].sum())
+    build_ms = 1e3 * (time.perf_counter() - t0) / n
+    timed = range(min(_TIMED_STEPS.value, n))
+    batches = [parallel.shard_batch(run.host_batch(i), mesh, cfg.axis_rules) for i in timed]
+    state = run.state
+    fresh = jax.tree.map(np.asarray, state)
+    for b in batches:  # compile every packed row count
+      state, m = run.train_step(state, b, run.feats)
+    jax.block_until_ready(m)
+    lays[layout] = dict(run=run, batches=batches, fresh=fresh, times=[],
+                        stats=dict(examples=len(run.examples), batches=n, rows=rows,
+                                   real_tokens=tokens, rows_per_batch=rows / n,
+                                   real_tokens_per_batch=tokens / n, host_build_ms=build_ms))
+  for lay in lays.values():
+    lay["state"] = jax.device_put(lay["fresh"], lay["run"].state_sh)
+  for i in range(len(timed)):
+    for lay in lays.values():
+      t0 = time.perf_counter()
+      lay["state"], m = lay["run"].train_step(lay["state"], lay["batches"][i], lay["run"].feats)
+      jax.block_until_ready(m)
+      lay["times"].append(time.perf_counter() - t0)
+  out = {}
+  for name, lay in lays.items():
+    out[name] = dict(lay["stats"], ms_per_step=1e3 * statistics.median(lay["times"]))
+  pp, op = out["per_position"], out["one_pass"]
+  return dict(
+      benchmark="sft_layouts",
+      setting=dict(workdir=workdir, dataset=str(cfg.dataset.name),
+                   batch_size=int(cfg.sft.batch_size), max_len=int(cfg.sft.max_len),
+                   timed_steps=len(timed)),
+      machine=machine_info(), per_position=pp, one_pass=op,
+      token_ratio=pp["real_tokens_per_batch"] / op["real_tokens_per_batch"],
+      row_ratio=pp["rows_per_batch"] / op["rows_per_batch"],
+      step_speedup=pp["ms_per_step"] / op["ms_per_step"],
+      wall_s=time.perf_counter() - t_start)
+
+
+def _profile(argv: Sequence[str]) -> dict:
+  """The `profile` benchmark: MFU of SFT and decoding, evaluation users/s and where the time
+  goes, in one run on synthetic data (module docstring)."""
+  del argv
+  import numpy as np
+
+  from configs import beauty
+  from sigma_jax import parallel, profile
+  from sigma_jax.generate import testing
+  from sigma_jax.train import sft
+  t_start = time.perf_counter()
+  cfg = _CONFIG() if _CONFIG() is not None else beauty.get_config()
+  reps, seed, items, hist = _REPS.value, _SEED.value, _PROFILE_ITEMS.value, _HISTORY.value
+  mesh = parallel.make_mesh(cfg.mesh)
+  m = cfg.model
+  rows = int(cfg.sft.batch_size) * int(cfg.sft.max_len)
+  d = int(m.d_model)
+  shapes = ([tuple(int(x) for x in s.split("x")) for s in _MATMUL_SIZES.value] or
+            [(rows, d, 4 * d), (rows, 4 * d, d), (1024, 1024, 1024), (2048, 2048, 2048)])
+  roof = profile.matmul_flops_per_s(shapes, max(3, reps))
+  peak = roof["best"]
+  logging.info("matmul roofline: %.3g FLOP/s", peak)
+
+  assets = profile.synthetic_assets(cfg, items, seed)
+  train_ex = profile.synthetic_examples(assets, int(cfg.sft.batch_size) * (reps + 1), hist, seed)
+  s = profile.profile_sft(cfg, assets, mesh, train_ex, reps, seed)
+  sft_flops_per_s = s["flops"]["train_step"] / s["seconds"]["train_step"]
+  logging.info("sft step: %.1f ms, %.3g FLOP/s", 1e3 * s["seconds"]["train_step"],
+               sft_flops_per_s)
+
+  batch = int(cfg.generation.eval_batch)
+  eval_ex = profile.synthetic_examples(assets, batch, hist, seed + 1, fixed_length=True)
+  e = profile.profile_eval(cfg, assets, s["graphdef"], s["state"]["params"], eval_ex, reps)
+  users_per_s = batch / e["seconds"]["recommend"]
+  logging.info("eval batch: %.1f ms, %.1f users/s", 1e3 * e["seconds"]["recommend"], users_per_s)
+
+  levels, c = int(cfg.tokenizer.levels), int(cfg.tokenizer.codebook_size)
+  dm = sft.model_config(cfg, assets)
+  sizes = (c,) * levels
+  offsets = tuple(int(assets.tok.sid_token(l, 0)) for l in range(levels))
+  sids = testing.synthetic_sids(np.random.default_rng(seed), items, sizes)
+  k = int(cfg.generation.num_beams)
+  dec = profile.profile_decode(dm, sids, sizes, offsets, batch, _PROMPT_LEN.value, k, reps,
+                               seed)
+  decode_s = dec["seconds"]["prefill"] + dec["seconds"]["search"]
+  decode_flops_per_s = dec["flops"]["total"] / decode_s
+
+  return dict(
+      benchmark="profile",
+      setting=dict(
+          config="configs/beauty.py" if _CONFIG() is None else "--config",
+          backbone=str(m.size), d_model=d, layers=int(m.num_layers),
+          vocab_size=int(dm.vocab_size), items=items, levels=levels, codebook_size=c,
+          prefix_len=int(cfg.tokenizer.prefix_len), num_beams=k, history=hist,
+          sft_batch=s["batch_size"], sft_packed_rows=s["rows"], sft_max_len=int(cfg.sft.max_len),
+          sft_layout="per_position (synthetic: histories of 1..history items)",
+          id_negatives=str(cfg.sft.id_negatives), eval_batch=batch,
+          decode_prompt_len=_PROMPT_LEN.value, reps=reps, seed=seed,
+          data="synthetic: random SIDs, unit features, hashed instruction words, random "
+               "histories; random-init (SFT) and briefly trained (eval) weights",
+          flops="analytic model FLOPs (sigma_jax/profile.py): real tokens, causal attention, "
+                "train step = 3 x forward"),
+      machine=machine_info(),
+      matmul_flops_per_s=peak,
+      matmul_flops_per_s_by_shape=roof["by_shape"],
+      mfu_sft=sft_flops_per_s / peak,
+      sft_flops_per_s=sft_flops_per_s,
+      sft_flops_per_step=s["flops"]["train_step"],
+      sft_forward_flops_by_part=s["flops"]["forward"],
+      sft_tokens_per_s=s["flops"]["tokens"] / s["seconds"]["train_step"],
+      mfu_decode=decode_flops_per_s / peak,
+      decode_flops_per_s=decode_flops_per_s,
+      decode_flops=dec["flops"],
+      mfu_eval=e["flops"]["total"] / e["seconds"]["generate"] / peak,
+      eval_flops=e["flops"],
+      eval_users_per_s=users_per_s,
+      eval_parts_agree=e["parts_agree"],
+      wall_time_s_by_part=dict(sft=s["seconds"], eval=e["seconds"], decode=dec["seconds"]),
+      wall_s=time.perf_counter() - t_start)
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], dict]] = {"decode": _decode,
+                                                           "profile": _profile,
+                                                           "sft_layouts": _sft_layouts,
                                                            "sft_step": _sft_step}
 
 

@@ -5,11 +5,23 @@ r"""Top-N recommendations from a trained work directory.
       --category=Comedy --top=5 --json
   python -m launch.recommend --workdir=/tmp/sigma_demo --history=1,50,260 --task=holiday \
       --holiday=Christmas
+  python -m launch.recommend --workdir=/tmp/sigma_demo --users_file=users.jsonl \
+      --out=recs.jsonl --top=10
 
 --user is a raw user id of the data (their history is their most recent items); --history a
 comma-separated list of raw item ids, oldest first, for a new user. Tasks and their constraint
 flags: justforyou, longtail, discover (none); category (--category, constrains decoding);
 query (--query, constrains decoding to matching items); season (--season); holiday (--holiday).
+
+--users_file serves a file of requests, one JSON object per line, with the fields
+{"id", "user" | "history", "task", "category" | "query" | "season" | "holiday", "template"}
+("task" and "template" default to --task and --template), in batches of --batch_size (default
+the config's generation.eval_batch) with a progress bar. --out gets one JSON line per request
+line, in order: {"line", "id", "instruction", "items"} as --json prints, or {"line", "id",
+"error"} for a line that cannot be served (also printed on stderr); it is written to a
+temporary file and renamed when done. The exit status is 0 when at least one line was served,
+1 when every line failed (or the file holds no request), 2 for bad arguments.
+sigma_jax/serve.py's docstring has the format.
 
 --config must be the config the work directory was trained with (default configs/demo.py), with
 the same model overrides, e.g. --config=configs/beauty.py:tiny. Bad arguments print one line
@@ -38,6 +50,11 @@ _HOLIDAY = flags.DEFINE_string("holiday", None, "Holiday, e.g. Christmas (task h
 _TOP = flags.DEFINE_integer("top", 10, "How many items to return.")
 _TEMPLATE = flags.DEFINE_integer("template", 0, "Which phrasing of the task's instruction.")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+_USERS_FILE = flags.DEFINE_string("users_file", None, "JSON lines of requests to serve in "
+                                  "batches (module docstring); needs --out.")
+_OUT = flags.DEFINE_string("out", None, "--users_file: where the JSON-lines answer goes.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "--users_file: users per generator call; "
+                                   "0: the config's generation.eval_batch.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -48,6 +65,8 @@ def main(argv):
     # Checkpoint and dataset INFO logs would bury the answer; --verbosity=0 shows them.
     logging.set_verbosity(logging.WARNING)
   from sigma_jax import serve  # after flags, so JAX starts with the user's environment
+  if _USERS_FILE.value is not None:
+    sys.exit(_serve_file(serve))
   try:
     rows, instruction = serve.recommend(
         _WORKDIR.value, _CONFIG.value, user=_USER.value, history=_HISTORY.value,
@@ -62,6 +81,39 @@ def main(argv):
     print()
   else:
     print(serve.format_table(rows, instruction, _TOP.value))
+
+
+def _serve_file(serve) -> int:
+  """--users_file: serves the file into --out; returns the exit status (module docstring)."""
+  single = [f"--{f.name}" for f in (_USER, _HISTORY, _CATEGORY, _QUERY, _SEASON, _HOLIDAY, _JSON)
+            if f.present]
+  problem = None
+  if single:
+    problem = (f"{', '.join(single)} cannot be combined with --users_file (give them per line "
+               "of the file)")
+  elif not _OUT.value:
+    problem = "--users_file needs --out=FILE for the answers"
+  elif _BATCH_SIZE.value < 0:
+    problem = f"--batch_size must be positive, got {_BATCH_SIZE.value}"
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
+  report = lambda line, message: print(f"{_USERS_FILE.value}:{line}: {message}", file=sys.stderr)
+  try:
+    task = serve.normalize_task(_TASK.value)
+    rec = serve.load(_CONFIG.value, _WORKDIR.value)
+    served, failed = serve.serve_file(rec, _USERS_FILE.value, _OUT.value, top=_TOP.value,
+                                      batch_size=_BATCH_SIZE.value or None, task=task,
+                                      template=_TEMPLATE.value, on_error=report)
+  except serve.ServeError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"served {served} of {served + failed} requests into {_OUT.value}"
+        + (f"; {failed} failed (their lines hold an error)" if failed else ""), file=sys.stderr)
+  if not served:
+    print("error: no request could be served", file=sys.stderr)
+    return 1
+  return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from sigma_jax import parallel, utils, workdir as wd
+from sigma_jax.data import raw
 from sigma_jax.models import sigma as sigma_model
 from sigma_jax.train import ground, pretrain, sft, tokenize
 
@@ -29,6 +30,18 @@ def check_beams(gen_cfg, tok_cfg, mode: str | None = None) -> None:
                      f"{size ** prefix} possible SID prefixes (tokenizer.codebook_size="
                      f"{size}, tokenizer.prefix_len={prefix}); lower num_beams or raise "
                      "prefix_len")
+
+
+def check_dataset(ds_cfg, stages, workdir: str | None = None) -> None:
+  """``dataset.name`` is a valid name, ``dataset.format`` a known format (or empty for a known
+  name), and a name that is not a known one has ``dataset.manual_dir`` when its data stage will
+  run."""
+  raw.resolve_format(ds_cfg.name, ds_cfg.format)
+  if ("data" in stages and ds_cfg.name not in raw.KNOWN_FORMATS and not ds_cfg.manual_dir
+      and not (workdir and wd.is_done(workdir, "data"))):
+    raise ValueError(f"dataset.name={ds_cfg.name!r} is not a known dataset "
+                     f"{sorted(raw.KNOWN_FORMATS)}: set dataset.manual_dir to the directory "
+                     "that holds its files (docs/DATASETS.md)")
 
 
 def _num_items(workdir: str | None) -> int | None:
@@ -71,6 +84,7 @@ def validate(cfg, stages, workdir: str | None = None, devices=None) -> None:
       run too.
     devices: the devices the mesh is built on (default: all).
   """
+  check_dataset(cfg.dataset, stages, workdir)
   if cfg.generation.mode not in sft.MODES:
     raise ValueError(f"generation.mode must be one of {sft.MODES}, got {cfg.generation.mode!r}")
   if cfg.sft.layout not in sft.LAYOUTS:

@@ -11,17 +11,9 @@ from sigma_jax import pipeline, utils, workdir as wd
 from sigma_jax.eval import compare
 
 
-def run_row(cfg, workdir: str, row: str, taus, configure: compare.Configure, tau_limit: int = 0,
-            select_only: bool = False, fixed_taus=compare.FIXED_SIGMA_TAUS) -> dict:
-  """Trains (or finds) one generative row, chooses its τ and evaluates it.
-
-  A row with a fixed APF σ (``generation.apf_fixed_sigma``) sweeps ``fixed_taus`` instead of
-  ``taus``: only σ/τ matters there, so the sweep chooses the constant σ/τ on validation.
-
-  Returns {"metrics": the row's eval/metrics.json (None with ``select_only``), "tau": its τ
-  sweep (``compare.select_tau``; with a fixed σ also "apf_fixed_sigma" and the chosen
-  "sigma_over_tau"), {"reuses_sft_of": row} for an un-fused row, or None}.
-  """
+def _train_row(cfg, workdir: str, row: str, configure: compare.Configure):
+  """Links the shared stages into WORKDIR/rows/<row> (and the SFT of the row it reuses) and runs
+  the row's own stages before eval. Returns (the row's directory, its config)."""
   own, reuse = compare.MODEL_ROWS[row]
   rdir = compare.row_dir(workdir, row)
   os.makedirs(rdir, exist_ok=True)
@@ -32,17 +24,47 @@ def run_row(cfg, workdir: str, row: str, taus, configure: compare.Configure, tau
     compare.link(wd.stage_dir(compare.row_dir(workdir, reuse), "sft"),
                  wd.stage_dir(rdir, "sft"))
   rcfg = compare.row_config(cfg, row, configure)
-  sweep = None
   if "sft" in own:
     rcfg.stages = ",".join(s for s in own if s != "eval")
     pipeline.run(rcfg, rdir, strict=True)
+  return rdir, rcfg
+
+
+def run_row(cfg, workdir: str, row: str, taus, configure: compare.Configure, tau_limit: int = 0,
+            select_only: bool = False, fixed_taus=compare.FIXED_SIGMA_TAUS) -> dict:
+  """Trains (or finds) one generative row, chooses its τ and evaluates it.
+
+  A row with a fixed APF σ (``generation.apf_fixed_sigma``) sweeps ``fixed_taus`` instead of
+  ``taus``: only σ/τ matters there, so the sweep chooses the constant σ/τ on validation.
+
+  ``<row>@all_items`` (TIGER's protocol) trains or finds ``<row>``, links its trained stages
+  into WORKDIR/rows/<row>@all_items, and chooses τ and evaluates there with history items
+  ranked like any other item.
+
+  Returns {"metrics": the row's eval/metrics.json (None with ``select_only``), "tau": its τ
+  sweep (``compare.select_tau``; with a fixed σ also "apf_fixed_sigma" and the chosen
+  "sigma_over_tau"), {"reuses_sft_of": row} for an un-fused row, or None}.
+  """
+  base, all_items = compare.split_row(row)
+  reuse = compare.MODEL_ROWS[base][1]
+  rdir, rcfg = _train_row(cfg, workdir, base, configure)
+  if all_items:  # the base row's model, ranked under the other protocol in a directory of its own
+    brdir, rdir = rdir, compare.row_dir(workdir, row)
+    os.makedirs(rdir, exist_ok=True)
+    for st in compare.SHARED + ("tfds", "sft"):
+      if os.path.lexists(wd.stage_dir(brdir, st)):
+        compare.link(wd.stage_dir(brdir, st), wd.stage_dir(rdir, st))
+    rcfg = compare.row_config(cfg, row, configure)
+    reuse = reuse or base
+  sweep = None
   if rcfg.generation.mode == "sigma" and rcfg.generation.fuse:
     fixed = float(rcfg.generation.apf_fixed_sigma)
     sweep = compare.select_tau(rcfg, rdir, fixed_taus if fixed > 0 else taus, tau_limit)
     rcfg.generation.apf_tau = sweep["chosen_tau"]
     if fixed > 0:
-      sweep = dict(sweep, apf_fixed_sigma=fixed, sigma_over_tau=fixed / sweep["chosen_tau"],
-                   reuses_sft_of=reuse)
+      sweep = dict(sweep, apf_fixed_sigma=fixed, sigma_over_tau=fixed / sweep["chosen_tau"])
+    if reuse:
+      sweep = dict(sweep, reuses_sft_of=reuse)
   elif reuse:  # the un-fused ranking has no τ; record which model it ranks
     sweep = {"reuses_sft_of": reuse}
   if select_only:
@@ -61,7 +83,8 @@ def run(cfg, workdir: str, rows=compare.ROWS, taus=compare.DEFAULT_TAUS, *,
   Args:
     cfg: the dataset's config (command-line overrides included).
     workdir: the comparison's work directory.
-    rows: the rows to run (names not in ``compare.ROWS`` are ignored).
+    rows: the rows to run: names of ``compare.ROWS``, each optionally with the suffix
+      ``@all_items`` (TIGER's protocol); an unknown name is a ValueError before any work.
     taus: APF temperatures tried on validation.
     configure: ``(config, row) -> the row's config`` (applies the row's config variant).
     tau_limit: validation examples per task for choosing τ (0: all); test uses every example.
@@ -73,23 +96,34 @@ def run(cfg, workdir: str, rows=compare.ROWS, taus=compare.DEFAULT_TAUS, *,
     ``select_only``: {row: its τ sweep} (see ``compare.selection_markdown``). Otherwise the
     result written to <dataset>.json (see ``compare.result``).
   """
+  rows = compare.ordered_rows(rows)
   shared = cfg.copy_and_resolve_references()
-  shared.stages = ",".join(compare.SHARED)
+  # The popular row needs the data stage only; every other row needs all the shared stages.
+  needed = ("data",) if {compare.split_row(r)[0] for r in rows} <= {"popular"} else compare.SHARED
+  shared.stages = ",".join(needed)
   pipeline.run(shared, workdir, strict=True)
   per_task = compare.is_per_task(cfg)
-  out, timing = {}, {s: compare.stage_seconds(workdir, [s]) for s in compare.SHARED}
-  for row in [r for r in compare.ROWS if r in rows]:
-    if row == "collab":
+  out, timing = {}, {s: compare.stage_seconds(workdir, [s]) for s in needed}
+  for row in rows:
+    base, all_items = compare.split_row(row)
+    pcfg = compare.protocol_config(cfg.copy_and_resolve_references(), all_items)
+    if base == "popular":
+      if not select_only:  # nothing to select: its row is its validation and test metrics
+        out[row] = compare.popular_row(pcfg, workdir, row)
+        timing[row] = utils.read_json(wd.path(compare.row_dir(workdir, row),
+                                              wd.EVAL_METRICS))["wall_time_s"]
+      continue
+    if base == "collab":
       if not select_only:  # its row is test metrics (and may re-score on test)
-        out[row] = compare.collab_row(cfg, workdir)
+        out[row] = compare.collab_row(pcfg, workdir)
       continue
     res = run_row(cfg, workdir, row, taus, configure, tau_limit, select_only, fixed_taus)
     if select_only:
       out[row] = res["tau"]
       continue
     out[row] = compare.model_row(res, per_task)
-    timing[row] = round(compare.stage_seconds(compare.row_dir(workdir, row),
-                                              compare.MODEL_ROWS[row][0]) +
+    own = ("eval",) if all_items else compare.MODEL_ROWS[base][0]
+    timing[row] = round(compare.stage_seconds(compare.row_dir(workdir, row), own) +
                         float((res["tau"] or {}).get("wall_time_s", 0.0)), 1)
   if select_only:
     return out

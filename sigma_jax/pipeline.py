@@ -79,7 +79,8 @@ _INCIDENTAL = frozenset({"log_every", "ckpt_every", "eval_batch", "encode_batch"
 # Config keys added after runs recorded their recipes, with the value that reproduces what those
 # runs did: a recipe without the key equals one with this value.
 _ADDED_DEFAULTS = {"sft.similarity": "cosine", "collab.select_metric": "ndcg@10",
-                   "sft.init": "auto", "generation.apf_fixed_sigma": 0.0}
+                   "dataset.format": "", "sft.init": "auto",
+                   "generation.apf_fixed_sigma": 0.0}
 
 
 def recipe(cfg, name: str, workdir: str) -> dict:

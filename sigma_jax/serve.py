@@ -1,10 +1,11 @@
-"""Top-N recommendations from a trained work directory, for one user and one instruction.
+"""Top-N recommendations from a trained work directory, for one user or a file of users.
 
 The library side of ``python -m launch.recommend`` and of the notebook:
 
   rec = serve.load(cfg, workdir)            # dataset now, model on first use (cached)
   rows = rec.recommend(user="42", task="category", category="Comedy", top=10)
   rows = serve.recommend(workdir, cfg, history=["1", "50"], task="justforyou")
+  served, failed = serve.serve_file(rec, "users.jsonl", "recs.jsonl", top=10)
 
 A known user is named by the raw user id of the data; their history is their most recent items
 (the test history of the leave-one-out split, newest last). A new user is an explicit list of
@@ -15,22 +16,44 @@ constraint; Category and Query also constrain decoding to the items that satisfy
 Every problem a user can cause (unknown user, item, task or category, a missing constraint,
 an empty history, no trained model, a query matching nothing) raises `ServeError` with a
 one-line message, checked before the model is loaded where possible.
+
+Batch serving (`serve_file`) reads one request per line, a JSON object with the single-user
+arguments as fields (`REQUEST_FIELDS`):
+
+  {"id": "a", "user": "42"}
+  {"history": ["1", "50", "260"], "task": "holiday", "holiday": "Christmas"}
+  {"user": "7", "task": "category", "category": "Comedy", "template": 2}
+
+exactly one of "user" (a raw user id) or "history" (raw item ids, oldest first: a list, or one
+comma-separated string); "task" (default the caller's, `justforyou`) and its constraint field;
+"template"; "id", any JSON value, is copied to the answer. Blank lines are skipped. Each
+request line gets one output line, in input order: {"line": its 1-based line number, "id" when
+given, "instruction", "items"} (the fields of the single-user `--json` output), or {"line",
+"id", "error": the one-line reason} for a line that cannot be served (malformed JSON, an
+unknown field, user, item, task or category, an empty history, ...); the other lines are
+served all the same. Requests are served in batches of a fixed size (one compiled program):
+unconstrained ones together, constrained ones (category, query) together.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 import os
 import re
 
 import numpy as np
 
-from sigma_jax import workdir as wd
+from sigma_jax import utils, workdir as wd
 from sigma_jax.data import pairs, tasks as tasks_lib
 
 # Which keyword argument of `recommend` carries each task's constraint.
 CONSTRAINT_ARG = {"category": "category", "query": "query", "season": "season",
                   "holiday": "holiday"}
 _SEASON_ALIASES = {"fall": "autumn"}
+# The fields of one request line of a users file (`serve_file`).
+REQUEST_FIELDS = ("id", "user", "history", "task", "category", "query", "season", "holiday",
+                  "template")
 
 
 class ServeError(ValueError):
@@ -240,6 +263,67 @@ class Recommender:
 
   # -- serving --------------------------------------------------------------------------------
 
+  def prepare(self, user=None, history=None, task: str = "justforyou", category=None,
+              query=None, season=None, holiday=None, template: int = 0) -> "Request":
+    """A checked request, ready to `serve` (arguments as in `recommend`).
+
+    Raises:
+      ServeError: any bad argument (module docstring).
+    """
+    task, text, allowed = self.instruction(task, category, query, season, holiday, template)
+    return Request(self.history_of(user, history), text, allowed)
+
+  def serve(self, requests: list, top: int = 10, tau: float | None = None,
+            batch_size: int | None = None, progress=None) -> list:
+    """The top-``top`` rows of each of ``requests`` (`prepare`d), in their order.
+
+    Args:
+      requests: `Request`s.
+      top: N, the list length.
+      tau: APF temperature (default: the config's generation.apf_tau).
+      batch_size: users per generator call; each call is padded to it (one compiled program
+        per kind of batch). None: all requests in one call, unpadded.
+      progress: optional callable, given the number of requests each call served.
+
+    Returns:
+      [rows of `recommend`] per request.
+    """
+    if int(top) < 1:
+      raise ServeError(f"--top must be at least 1, got {top}")
+    gen = self.generator(int(top))
+    out = [None] * len(requests)
+    # Unconstrained requests share the full catalogue's tables; constrained ones get their own.
+    groups = [[i for i, r in enumerate(requests) if r.allowed is None],
+              [i for i, r in enumerate(requests) if r.allowed is not None]]
+    for group in groups:
+      size = int(batch_size) if batch_size else max(1, len(group))
+      for s in range(0, len(group), size):
+        rows = group[s:s + size]
+        padded = rows + [rows[-1]] * (size - len(rows)) if batch_size else rows
+        chosen = [requests[i] for i in padded]
+        allowed = (None if chosen[0].allowed is None else
+                   np.stack([r.allowed for r in chosen]))
+        ranked = gen.recommend([r.history for r in chosen], [r.instruction for r in chosen],
+                               allowed, tau=tau)
+        for j, i in enumerate(rows):
+          out[i] = self._rows(ranked, j, int(top))
+        if progress is not None:
+          progress(len(rows))
+    return out
+
+  def _rows(self, ranked, j: int, top: int) -> list:
+    """Row ``j`` of a `fusion.Ranked` as `recommend`'s list of dicts."""
+    items = np.asarray(ranked.items)[j]
+    scores = np.asarray(ranked.scores)[j]
+    ok = np.asarray(ranked.valid)[j] & (items >= 0)
+    data = self.dataset.raw
+    rows = []
+    for i, s in zip(items[ok][:top], scores[ok][:top]):
+      it = data.items[int(i)]
+      rows.append({"item": str(it.raw_id), "title": it.title,
+                   "category": category_label(it, self._genres), "score": float(s)})
+    return rows
+
   def recommend(self, user=None, history=None, task: str = "justforyou", category=None,
                 query=None, season=None, holiday=None, top: int = 10, template: int = 0,
                 tau: float | None = None, with_instruction: bool = False):
@@ -264,20 +348,121 @@ class Recommender:
     """
     if int(top) < 1:
       raise ServeError(f"--top must be at least 1, got {top}")
-    task, text, allowed = self.instruction(task, category, query, season, holiday, template)
-    hist = self.history_of(user, history)
-    gen = self.generator(int(top))
-    ranked = gen.recommend([hist], [text], None if allowed is None else allowed[None], tau=tau)
-    items = np.asarray(ranked.items)[0]
-    scores = np.asarray(ranked.scores)[0]
-    ok = np.asarray(ranked.valid)[0] & (items >= 0)
-    data = self.dataset.raw
-    rows = []
-    for i, s in zip(items[ok][:int(top)], scores[ok][:int(top)]):
-      it = data.items[int(i)]
-      rows.append({"item": str(it.raw_id), "title": it.title,
-                   "category": category_label(it, self._genres), "score": float(s)})
-    return (rows, text) if with_instruction else rows
+    request = self.prepare(user, history, task, category, query, season, holiday, template)
+    rows = self.serve([request], int(top), tau)[0]
+    return (rows, request.instruction) if with_instruction else rows
+
+
+@dataclasses.dataclass
+class Request:
+  """One checked request (`Recommender.prepare`): [H'] item indices, newest last; the
+  instruction text; [N] bool allowed items or None."""
+  history: np.ndarray
+  instruction: str
+  allowed: np.ndarray | None
+
+
+def parse_request(line: str, task: str = "justforyou", template: int = 0) -> dict:
+  """One line of a users file (module docstring) -> keyword arguments of
+  `Recommender.prepare`; ``task`` and ``template`` are the defaults of lines without them.
+
+  Raises:
+    ServeError: not a JSON object, an unknown field, a field of the wrong type.
+  """
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise ServeError(f"not valid JSON: {e.msg} (column {e.colno})") from None
+  if not isinstance(obj, dict):
+    raise ServeError('a request is a JSON object, e.g. {"user": "42"}')
+  unknown = sorted(set(obj) - set(REQUEST_FIELDS))
+  if unknown:
+    raise ServeError(f"unknown field(s) {', '.join(map(repr, unknown))}; a request takes "
+                     f"{', '.join(REQUEST_FIELDS)}")
+  kwargs = {"task": task, "template": template}
+  kwargs.update({k: v for k, v in obj.items() if k != "id"})
+  for key in ("user", "task", "category", "query", "season", "holiday"):
+    value = kwargs.get(key)
+    if value is not None and (not isinstance(value, (str, int)) or isinstance(value, bool)):
+      raise ServeError(f'"{key}" must be a string, got {json.dumps(value)}')
+  hist = kwargs.get("history")
+  if hist is not None and not isinstance(hist, str) and not (
+      isinstance(hist, list) and all(isinstance(h, (str, int)) and not isinstance(h, bool)
+                                     for h in hist)):
+    raise ServeError('"history" must be a list of item ids or an "id,id,..." string')
+  if not isinstance(kwargs["template"], int) or isinstance(kwargs["template"], bool):
+    raise ServeError(f'"template" must be an integer, got {json.dumps(kwargs["template"])}')
+  for key in ("user", "category", "query", "season", "holiday"):
+    if kwargs.get(key) is not None:
+      kwargs[key] = str(kwargs[key])
+  return kwargs
+
+
+def serve_file(rec: Recommender, users_file: str, out: str, top: int = 10,
+               batch_size: int | None = None, task: str = "justforyou", template: int = 0,
+               tau: float | None = None, progress: bool = True,
+               on_error=None) -> tuple[int, int]:
+  """Serves every request line of ``users_file`` into ``out`` (module docstring).
+
+  ``out`` is written to a temporary file in its directory, then renamed: it never holds a
+  partial answer.
+
+  Args:
+    rec: the `Recommender`.
+    users_file: JSON lines, one request each.
+    out: the JSON-lines answer, one line per request line.
+    top: N, the list length.
+    batch_size: users per generator call (default the config's generation.eval_batch).
+    task, template: defaults of request lines without them.
+    tau: APF temperature (default: the config's generation.apf_tau).
+    progress: show a progress bar.
+    on_error: optional callable(line number, message) for each line that fails.
+
+  Returns:
+    (served, failed) line counts.
+
+  Raises:
+    ServeError: ``users_file`` cannot be read, or ``top`` is not positive.
+  """
+  from tqdm import tqdm
+  if int(top) < 1:
+    raise ServeError(f"--top must be at least 1, got {top}")
+  try:
+    with open(users_file, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ServeError(f"cannot read {users_file}: {e}".splitlines()[0]) from e
+  records, ready, requests = [], [], []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    record = {"line": number}
+    try:
+      obj = json.loads(line)
+      if isinstance(obj, dict) and "id" in obj:
+        record["id"] = obj["id"]
+    except json.JSONDecodeError:
+      pass
+    try:
+      requests.append(rec.prepare(**parse_request(line, task, template)))
+      ready.append(len(records))
+    except ServeError as e:
+      record["error"] = str(e)
+      if on_error is not None:
+        on_error(number, str(e))
+    records.append(record)
+  size = int(batch_size or rec.cfg.generation.eval_batch)
+  with tqdm(total=len(requests), desc="recommend", unit="user", disable=not progress) as bar:
+    served = rec.serve(requests, int(top), tau, size, progress=bar.update) if requests else []
+  for k, request, rows in zip(ready, requests, served):
+    records[k].update(instruction=request.instruction, items=rows)
+
+  def write(f):
+    for r in records:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+  utils.atomic_write(out, write, "w")
+  return len(served), len(records) - len(served)
 
 
 _CACHE: dict = {}

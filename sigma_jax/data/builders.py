@@ -1,6 +1,7 @@
 """TFDS dataset builders: original files -> array_record, read back without TensorFlow.
 
-Each dataset is one builder with two splits:
+Each dataset is one builder with two splits (a builder class per dataset name, made by
+``builder_class``; its TFDS directory is ``sigma_<name>``):
 - ``users``: one record per user — index, raw id, chronological item indices, timestamps (empty
   when the data has none) and profile text (empty: none of the public datasets has profiles);
 - ``items``: one record per item — index, raw id, title, category path, tags, brand and the text
@@ -21,27 +22,29 @@ import tensorflow_datasets as tfds
 
 from sigma_jax.data import raw
 
+# Per file format (a key of raw.FORMATS): where the original data come from (optional).
 _HOMEPAGES = {
-    "beauty": "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html",
-    "scientific": "https://nijianmo.github.io/amazon/index.html",
+    "amazon_p5": "https://cseweb.ucsd.edu/~jmcauley/datasets/amazon/links.html",
+    "unisrec": "https://nijianmo.github.io/amazon/index.html",
     "movielens": "https://grouplens.org/datasets/movielens/",
 }
 
 _INSTRUCTIONS = {
-    "beauty": "Amazon 2014 'Beauty' 5-core as preprocessed by P5/TIGER: put user_sequence.txt "
-              "and item_meta.json in the manual directory.",
-    "scientific": "Amazon 2018 'Industrial and Scientific' as preprocessed by UniSRec: put "
-                  "Scientific.{text,item2index,user2index,train.inter,valid.inter,test.inter} "
-                  "in the manual directory.",
-    "movielens": "MovieLens latest-small (GroupLens): put ratings.csv and movies.csv (both "
-                 "without header rows) and tags.csv in the manual directory.",
+    "amazon_p5": "Amazon 2014 5-core category as preprocessed by P5/TIGER: put "
+                 "user_sequence.txt and item_meta.json in the manual directory.",
+    "unisrec": "Amazon 2018 category as preprocessed by UniSRec: put "
+               "<Category>.{text,item2index,user2index,train.inter,valid.inter,test.inter} in "
+               "the manual directory.",
+    "movielens": "MovieLens (GroupLens): put ratings.csv, movies.csv and tags.csv (header rows "
+                 "optional) in the manual directory.",
 }
 
 
 class _SigmaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Shared body; subclasses set ``DATASET`` (a key of ``raw.PARSERS``)."""
+  """Shared body; ``builder_class`` makes one subclass per dataset (``DATASET``, ``FORMAT``)."""
 
   DATASET = ""
+  FORMAT = ""
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
 
@@ -51,7 +54,8 @@ class _SigmaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   @property
   def MANUAL_DOWNLOAD_INSTRUCTIONS(self):  # noqa: N802 (TFDS's name)
-    return _INSTRUCTIONS.get(self.DATASET, _INSTRUCTIONS["movielens"])
+    return _INSTRUCTIONS.get(self.FORMAT, f"Put the files of format {self.FORMAT!r} in the "
+                             "manual directory (docs/DATASETS.md).")
 
   def _info(self) -> tfds.core.DatasetInfo:
     stats = self._parsed.stats() if self._parsed is not None else {}
@@ -77,14 +81,14 @@ class _SigmaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "text": tfds.features.Text(),
             }),
         }),
-        homepage=_HOMEPAGES.get(self.DATASET, _HOMEPAGES["movielens"]),
+        homepage=_HOMEPAGES.get(self.FORMAT, ""),
         disable_shuffling=True,  # records stay in index order
         metadata=tfds.core.MetadataDict(stats=stats),
     )
 
   def _split_generators(self, dl_manager):
     if self._parsed is None:
-      self._parsed = raw.parse(self.DATASET, str(dl_manager.manual_dir))
+      self._parsed = raw.parse(self.DATASET, str(dl_manager.manual_dir), self.FORMAT)
     return {"users": self._generate_examples("users"), "items": self._generate_examples("items")}
 
   def _generate_examples(self, split):
@@ -106,46 +110,34 @@ class _SigmaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                             "brand": it.brand, "text": it.text}, "users": empty_user}
 
 
-class SigmaBeauty(_SigmaBuilder, skip_registration=True):
-  name = "sigma_beauty"
-  DATASET = "beauty"
+_CLASSES = {}
 
 
-class SigmaScientific(_SigmaBuilder, skip_registration=True):
-  name = "sigma_scientific"
-  DATASET = "scientific"
+def builder_class(name: str, fmt: str = ""):
+  """The builder class of dataset ``name`` in file format ``fmt`` (empty: the one a known name
+  implies). Its TFDS name, ``sigma_<name>``, is its directory under the TFDS data dir."""
+  fmt = raw.resolve_format(name, fmt)
+  if (name, fmt) not in _CLASSES:
+    class_name = "Sigma" + "".join(p.capitalize() for p in name.split("_"))
+    _CLASSES[name, fmt] = type(class_name, (_SigmaBuilder,),
+                               {"name": f"sigma_{name}", "DATASET": name, "FORMAT": fmt,
+                                "__module__": __name__}, skip_registration=True)
+  return _CLASSES[name, fmt]
 
 
-class SigmaMovielens(_SigmaBuilder, skip_registration=True):
-  name = "sigma_movielens"
-  DATASET = "movielens"
-
-
-class SigmaDemo(_SigmaBuilder, skip_registration=True):
-  name = "sigma_demo"
-  DATASET = "demo"
-
-
-BUILDERS = {b.DATASET: b for b in (SigmaBeauty, SigmaScientific, SigmaMovielens, SigmaDemo)}
-
-
-def _builder_class(name: str):
-  if name not in BUILDERS:
-    raise ValueError(f"unknown dataset {name!r}; choose from {sorted(BUILDERS)}")
-  return BUILDERS[name]
-
-
-def build(name: str, tfds_dir: str, manual_dir: str = "") -> tfds.core.DatasetBuilder:
+def build(name: str, tfds_dir: str, manual_dir: str = "",
+          fmt: str = "") -> tfds.core.DatasetBuilder:
   """Parses the original files, then writes the array_record dataset under ``tfds_dir``.
 
-  A dataset already built there is reused. On any error nothing is left under ``tfds_dir``.
+  ``fmt`` is the file format (``raw.FORMATS``; empty for a known name). A dataset already built
+  there is reused. On any error nothing is left under ``tfds_dir``.
   """
-  cls = _builder_class(name)
+  cls = builder_class(name, fmt)
   existing = cls(data_dir=tfds_dir, file_format="array_record")
   if existing.is_prepared():
     return existing
   manual_dir = raw.resolve_manual_dir(name, manual_dir)
-  parsed = raw.parse(name, manual_dir)  # raises DataError before anything is written
+  parsed = raw.parse(name, manual_dir, cls.FORMAT)  # raises DataError before anything is written
   builder = cls(data_dir=tfds_dir, file_format="array_record", parsed=parsed)
   target = os.path.join(tfds_dir, cls.name)
   try:
@@ -161,9 +153,9 @@ def _text(b) -> str:
   return b.decode("utf-8") if isinstance(b, bytes) else str(b)
 
 
-def load(name: str, tfds_dir: str) -> raw.RawDataset:
+def load(name: str, tfds_dir: str, fmt: str = "") -> raw.RawDataset:
   """Reads a built dataset back through ``as_data_source()`` (no TensorFlow)."""
-  builder = _builder_class(name)(data_dir=tfds_dir, file_format="array_record")
+  builder = builder_class(name, fmt)(data_dir=tfds_dir, file_format="array_record")
   if not builder.is_prepared():
     raise FileNotFoundError(f"dataset {name!r} is not built under {tfds_dir}; run the 'data' "
                             "stage first")
@@ -188,4 +180,4 @@ def load(name: str, tfds_dir: str) -> raw.RawDataset:
     has_ts = has_ts or len(ts) > 0
     users.append(raw.User(raw_id=_text(r["raw_id"]), items=np.asarray(r["items"], np.int64),
                           timestamps=ts if len(ts) else None, profile=_text(r["profile"])))
-  return raw.RawDataset(name, items, users, has_timestamps=has_ts)
+  return raw.RawDataset(name, items, users, has_timestamps=has_ts, format=builder.FORMAT)

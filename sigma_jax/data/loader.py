@@ -33,8 +33,8 @@ def tfds_dir(cfg, workdir: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _load(name: str, directory: str, max_history: int) -> Dataset:
-  data = builders.load(name, directory)
+def _load(name: str, fmt: str, directory: str, max_history: int) -> Dataset:
+  data = builders.load(name, directory, fmt)
   ts = [u.timestamps for u in data.users] if data.has_timestamps else None
   split = splits_lib.leave_one_out(range(len(data.users)), [u.items for u in data.users],
                                    len(data.items), max_history, timestamps=ts)
@@ -43,7 +43,8 @@ def _load(name: str, directory: str, max_history: int) -> Dataset:
 
 def load_dataset(cfg, workdir: str) -> Dataset:
   """The dataset built by the ``data`` stage, with TIGER's leave-one-out splits (memoised)."""
-  return _load(cfg.dataset.name, tfds_dir(cfg, workdir), int(cfg.dataset.max_history))
+  return _load(cfg.dataset.name, cfg.dataset.format, tfds_dir(cfg, workdir),
+               int(cfg.dataset.max_history))
 
 
 def index_batches(num_records: int, global_batch: int, seed: int, shuffle: bool = True,

@@ -13,6 +13,7 @@ import html
 import io
 import json
 import os
+import re
 from typing import Iterator
 
 import numpy as np
@@ -51,6 +52,7 @@ class RawDataset:
   items: list  # list[Item], position = item index
   users: list  # list[User], position = user index
   has_timestamps: bool
+  format: str = ""  # the file format it was read from (a key of FORMATS)
 
   @property
   def num_interactions(self) -> int:
@@ -79,7 +81,7 @@ class RawDataset:
 
 def _require(path: str) -> str:
   if not os.path.isfile(path):
-    raise DataError(path, None, "file is missing (see README.md, 'Data', for where to get it)")
+    raise DataError(path, None, "file is missing (docs/DATASETS.md lists each format's files)")
   return path
 
 
@@ -109,10 +111,12 @@ def _check_no_duplicate(path: str, line: int, seen: dict, key, what: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Amazon 2014 Beauty (TIGER/P5): user_sequence.txt + item_meta.json
+# Format amazon_p5 (Amazon 2014 Beauty as TIGER/P5 publish it): user_sequence.txt, item_meta.json
 
 
-def parse_beauty(manual_dir: str) -> RawDataset:
+def parse_amazon_p5(manual_dir: str, name: str = "beauty") -> RawDataset:
+  """``user_sequence.txt`` (``USER ITEM ITEM ...``) and ``item_meta.json`` (``{ITEM: {title,
+  categories}}``) in ``manual_dir``."""
   seq_path = os.path.join(manual_dir, "user_sequence.txt")
   meta_path = _require(os.path.join(manual_dir, "item_meta.json"))
   with open(meta_path, "rb") as f:
@@ -158,11 +162,11 @@ def parse_beauty(manual_dir: str) -> RawDataset:
     users.append(User(raw_id=parts[0], items=seq))
   if not users:
     raise DataError(seq_path, None, "no users")
-  return RawDataset("beauty", items, users, has_timestamps=False)
+  return RawDataset(name, items, users, has_timestamps=False, format="amazon_p5")
 
 
 # ---------------------------------------------------------------------------------------------
-# Amazon 2018 Industrial & Scientific (UniSRec files)
+# Format unisrec (Amazon 2018 Industrial & Scientific as UniSRec publishes it)
 
 
 def _split_scientific_text(text: str) -> tuple[str, str, str]:
@@ -223,8 +227,30 @@ def _read_inter(path: str, num_items: int, num_users: int) -> dict:
   return rows
 
 
-def parse_scientific(manual_dir: str) -> RawDataset:
-  prefix = os.path.join(manual_dir, "Scientific")
+def _unisrec_prefix(manual_dir: str, name: str) -> str:
+  """The ``<Category>`` of the ``<Category>.item2index`` in ``manual_dir``: the only one there,
+  or the one whose name is ``name`` (case ignored)."""
+  if not os.path.isdir(manual_dir):
+    raise DataError(manual_dir, None, "directory is missing")
+  found = sorted(f[:-len(".item2index")] for f in os.listdir(manual_dir)
+                 if f.endswith(".item2index"))
+  if len(found) == 1:
+    return found[0]
+  named = [f for f in found if f.lower() == name.lower()]
+  if len(named) == 1:
+    return named[0]
+  if not found:
+    raise DataError(os.path.join(manual_dir, "<Category>.item2index"), None,
+                    "file is missing (format 'unisrec' needs <Category>.{text,item2index,"
+                    "user2index,valid.inter,test.inter})")
+  raise DataError(manual_dir, None, f"several UniSRec categories {found} and none is named "
+                  f"{name!r} (dataset.name); keep one category per directory")
+
+
+def parse_unisrec(manual_dir: str, name: str = "scientific") -> RawDataset:
+  """``<Category>.{text,item2index,user2index,valid.inter,test.inter}`` in ``manual_dir``."""
+  category = _unisrec_prefix(manual_dir, name)
+  prefix = os.path.join(manual_dir, category)
   item2index = _read_index(prefix + ".item2index")
   user2index = _read_index(prefix + ".user2index")
   text_path = prefix + ".text"
@@ -240,7 +266,7 @@ def parse_scientific(manual_dir: str) -> RawDataset:
     if len(parts) != 2:
       raise DataError(text_path, n, f"expected 'ASIN<TAB>text', got {len(parts)} field(s)")
     if parts[0] not in item2index:
-      raise DataError(text_path, n, f"item {parts[0]!r} is not in Scientific.item2index")
+      raise DataError(text_path, n, f"item {parts[0]!r} is not in {category}.item2index")
     texts[parts[0]] = (n, parts[1])
   by_index = {v: k for k, v in item2index.items()}
   items = []
@@ -266,19 +292,25 @@ def parse_scientific(manual_dir: str) -> RawDataset:
       raise DataError(prefix + ".valid.inter", None,
                       f"user index {u}: validation target disagrees with the test history")
     users.append(User(raw_id=users_by_index[u], items=np.array(hist + [target], np.int64)))
-  return RawDataset("scientific", items, users, has_timestamps=False)
+  return RawDataset(name, items, users, has_timestamps=False, format="unisrec")
 
 
 # ---------------------------------------------------------------------------------------------
-# MovieLens latest-small (ratings, movies without header; tags with header)
+# Format movielens (GroupLens' ratings.csv, movies.csv, tags.csv; header rows optional)
 
 
-def _csv_rows(path: str, header: str | None) -> Iterator[tuple[int, list]]:
+def _csv_rows(path: str, header: str) -> Iterator[tuple[int, list]]:
+  """Yields (line number, fields); a first line equal to ``header`` is skipped, and any other
+  first line whose first field is not an integer is an error (a header of the wrong file)."""
   for n, line in _lines(path):
-    if n == 1 and header is not None:
-      if line.strip() != header:
-        raise DataError(path, n, f"expected header {header!r}, got {line[:60]!r}")
-      continue
+    if n == 1:
+      line = line.lstrip("\ufeff")
+      if line.strip() == header:
+        continue
+      first = line.split(",", 1)[0].strip()
+      if line.strip() and not first.lstrip("-").isdigit():
+        raise DataError(path, n, f"expected the header {header!r} or a data row, got "
+                        f"{line[:60]!r}")
     if not line.strip():
       raise DataError(path, n, "empty line")
     try:
@@ -289,12 +321,14 @@ def _csv_rows(path: str, header: str | None) -> Iterator[tuple[int, list]]:
 
 
 def parse_movielens(manual_dir: str, name: str = "movielens") -> RawDataset:
+  """``ratings.csv``, ``movies.csv`` and ``tags.csv`` in ``manual_dir``, each with or without
+  GroupLens' header row."""
   movies_path = os.path.join(manual_dir, "movies.csv")
   ratings_path = os.path.join(manual_dir, "ratings.csv")
   tags_path = os.path.join(manual_dir, "tags.csv")
 
   movies, seen = {}, {}
-  for n, row in _csv_rows(movies_path, None):
+  for n, row in _csv_rows(movies_path, "movieId,title,genres"):
     if len(row) != 3:
       raise DataError(movies_path, n, f"expected 3 fields movieId,title,genres, got {len(row)} "
                       "(truncated line or unquoted comma?)")
@@ -304,7 +338,7 @@ def parse_movielens(manual_dir: str, name: str = "movielens") -> RawDataset:
     movies[mid] = (row[1].strip(), genres)
 
   events, seen = {}, {}
-  for n, row in _csv_rows(ratings_path, None):
+  for n, row in _csv_rows(ratings_path, "userId,movieId,rating,timestamp"):
     if len(row) != 4:
       raise DataError(ratings_path, n, f"expected 4 fields userId,movieId,rating,timestamp, got "
                       f"{len(row)} (truncated line?)")
@@ -353,23 +387,60 @@ def parse_movielens(manual_dir: str, name: str = "movielens") -> RawDataset:
                       timestamps=np.array([t for t, _ in evs], np.int64)))
   if not users:
     raise DataError(ratings_path, None, "no ratings")
-  return RawDataset(name, items, users, has_timestamps=True)
+  return RawDataset(name, items, users, has_timestamps=True, format="movielens")
 
 
-PARSERS = {
-    "beauty": parse_beauty,
-    "scientific": parse_scientific,
+# File format -> parser(manual_dir, name) -> RawDataset. A new format is one parser here.
+FORMATS = {
+    "amazon_p5": parse_amazon_p5,
+    "unisrec": parse_unisrec,
     "movielens": parse_movielens,
-    "demo": lambda d: parse_movielens(d, name="demo"),
 }
 
-# Where each dataset lives under $SIGMA_DATA_DIR (the layout of ../shared/data).
+# The datasets the configs know: each name implies its format (config.dataset.format may stay
+# empty) and, under $SIGMA_DATA_DIR, where its files are (the layout of ../shared/data).
+KNOWN_FORMATS = {
+    "beauty": "amazon_p5",
+    "scientific": "unisrec",
+    "movielens": "movielens",
+    "demo": "movielens",
+}
 DEFAULT_SUBDIRS = {
     "beauty": "amazon2014/Beauty",
     "scientific": "amazon2018/Scientific",
     "movielens": "ml-latest-small",
 }
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+
+# A dataset name names files (the TFDS directory sigma_<name>, docs/results/<name>.json).
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def check_name(name: str) -> str:
+  """``name`` if it can name a dataset (lower-case letters, digits, '_'; a letter first)."""
+  if not isinstance(name, str) or not _NAME.fullmatch(name):
+    raise ValueError(f"dataset.name={name!r} is not a valid dataset name: use lower-case "
+                     "letters, digits and '_', starting with a letter (e.g. 'my_category')")
+  return name
+
+
+def resolve_format(name: str, fmt: str = "") -> str:
+  """The file format of dataset ``name``: ``fmt``, or for a known name the one it implies."""
+  check_name(name)
+  known = KNOWN_FORMATS.get(name)
+  if not fmt:
+    if known is None:
+      raise ValueError(f"unknown dataset {name!r} (dataset.name) and no dataset.format: set "
+                       f"dataset.format to one of {sorted(FORMATS)}, or use a known name "
+                       f"{sorted(KNOWN_FORMATS)}")
+    return known
+  if fmt not in FORMATS:
+    raise ValueError(f"dataset.format={fmt!r} is not a known file format; choose from "
+                     f"{sorted(FORMATS)} (docs/DATASETS.md)")
+  if known is not None and fmt != known:
+    raise ValueError(f"dataset.name={name!r} is the known dataset in format {known!r}, but "
+                     f"dataset.format={fmt!r}; give data in another format another name")
+  return fmt
 
 
 def resolve_manual_dir(name: str, manual_dir: str = "") -> str:
@@ -379,15 +450,17 @@ def resolve_manual_dir(name: str, manual_dir: str = "") -> str:
   if name == "demo":
     return DEMO_DIR
   if name not in DEFAULT_SUBDIRS:
-    raise ValueError(f"unknown dataset {name!r}; choose from {sorted(PARSERS)}")
+    raise ValueError(f"dataset {name!r} (dataset.name) is not one of the known datasets "
+                     f"{sorted(KNOWN_FORMATS)}: set dataset.manual_dir to the directory that "
+                     "holds its files (docs/DATASETS.md)")
   root = os.environ.get("SIGMA_DATA_DIR")
   if not root:
     raise ValueError(f"dataset {name!r}: set config.dataset.manual_dir, or SIGMA_DATA_DIR to the "
-                     "directory that holds the original files (see README.md, 'Data')")
+                     "directory that holds the original files (docs/DATASETS.md)")
   return os.path.join(root, DEFAULT_SUBDIRS[name])
 
 
-def parse(name: str, manual_dir: str = "") -> RawDataset:
-  if name not in PARSERS:
-    raise ValueError(f"unknown dataset {name!r}; choose from {sorted(PARSERS)}")
-  return PARSERS[name](resolve_manual_dir(name, manual_dir))
+def parse(name: str, manual_dir: str = "", fmt: str = "") -> RawDataset:
+  """Parses dataset ``name`` (format ``fmt``, or the one a known name implies)."""
+  fmt = resolve_format(name, fmt)
+  return FORMATS[fmt](resolve_manual_dir(name, manual_dir), name)

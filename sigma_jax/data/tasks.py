@@ -2,8 +2,8 @@
 
 Families and tasks:
   general        justforyou  the next item
-  constrained    query       the next item; the instruction carries a short search query made
-                             from the target's title
+  constrained    query       the next item; the instruction carries a search query of 1-3 of
+                             the target's terms that matches >= query_min_matches items
                  category    the next item; the instruction carries one of the target's
                              categories
   exploratory    longtail    the next item, when it is in the low-popularity tail
@@ -17,13 +17,19 @@ Definitions used everywhere (training examples, evaluation examples, constraint 
   ("Beauty > Makeup > Face"); a leaf name alone can repeat under different parents. MovieLens
   items have their genres, several per item (or none); a constraint on genre g is satisfied by
   every item that has g.
-- Query (`make_query`, `query_matches`): terms are the words of `pairs.title_terms` (lower case,
-  4+ letters, no stop words). An item's searchable terms are the terms of its title and text;
-  an item satisfies a query when its searchable terms contain every query term. A target's
-  query takes its title terms from the most distinctive (highest IDF over item texts, ties
-  alphabetical) down, adding a term only while at least `query_min_matches` items still match,
-  so a query is a search and never an item look-up; it has fewer words than the title (never
-  the whole title) and lists its terms in title order.
+- Query (`QueryIndex`, `query_matches`): terms are the words of `pairs.title_terms` (lower case,
+  4+ letters, no stop words). An item's searchable terms are those of its title, categories (or
+  genres), tags and brand (`item_search_terms`); an item satisfies a query when its searchable
+  terms contain every query term. A target's query does not name it: it is 1 to 3 terms
+  (`query_min_terms`..`query_max_terms`, the length drawn per example) of the target's own
+  searchable terms that together still match at least `query_min_matches` items (default 50),
+  so decoding ranks among many items, the target one of them. Only terms that at least
+  `query_min_matches` items have, that at most `QUERY_MAX_TERM_SHARE` of the catalogue has, and
+  that are not units (`QUERY_STOP`) are used; they are visited in a random order and each kept
+  while the query still matches enough items. When that leaves fewer than `query_min_terms`
+  terms, the broadest-first chain is used. A target with no such query at all (no usable term:
+  e.g. a film without genres or tags whose title words are rare) gets no Query example: it is
+  dropped, and `task_counts` reports the dropped count and the matches per query per split.
 - Popularity tail (`tail_items`): item popularity is counted on the training split only. The
   head is the smallest set of most popular items (ties: lower item index first) that covers
   `longtail_head_share` of the training interactions; every other item, including items never
@@ -38,9 +44,9 @@ user's training sequence is a candidate target with the previous <= H items as h
 when it obeys the task's rule, at most `max_train_per_user` per user and task (a seeded sample).
 Evaluation examples are the validation (valid_hist -> valid_target) and test (test_hist ->
 test_target) rows under the same rules. Training targets are therefore never a validation or
-test (user, position). Every random choice (template, query length, which genre, the training
-cap sample) comes from a generator seeded by (`phrasings_seed`, task, split), so a split is the
-same whether built alone or with the others.
+test (user, position). Every random choice (template, query length and terms, which genre, the
+training cap sample) comes from a generator seeded by (`phrasings_seed`, task, split), so a split
+is the same whether built alone or with the others.
 """
 from __future__ import annotations
 
@@ -76,8 +82,9 @@ TASK_DEFAULTS = {
     # Query: the number of terms is drawn per example, uniformly in [min, max] ...
     "query_min_terms": 1,
     "query_max_terms": 3,
-    # ... and a term is added only while at least this many items still match the query.
-    "query_min_matches": 2,
+    # ... and a term is added only while at least this many items still match the query (a
+    # target with no such query has no Query example; see the module docstring).
+    "query_min_matches": 50,
     # Training examples per user per task (a seeded sample of the eligible positions); 0: all.
     "max_train_per_user": 50,
     # Seeds every per-example choice: template, query length, which genre, the training sample.
@@ -139,8 +146,8 @@ TEMPLATES = {
 _PLACEHOLDER = {"query": "query", "category": "category", "season": "season",
                 "holiday": "holiday"}
 
-# Datasets whose `category_path` is a set of genres, not a hierarchy.
-_GENRE_DATASETS = ("movielens", "demo")
+# File formats whose `category_path` is a set of genres, not a hierarchy.
+_GENRE_FORMATS = ("movielens",)
 
 
 def all_template_texts() -> list:
@@ -210,8 +217,8 @@ def available_tasks(dataset) -> tuple:
   if not any(it.category_path for it in data.items):
     reasons["category"] = f"{data.name} items have no category"
     reasons["discover"] = f"{data.name} items have no category, so none can be new to a user"
-  if not any(pairs.title_terms(it.title) for it in data.items):
-    reasons["query"] = f"{data.name} item titles have no searchable words"
+  if not any(item_search_terms(it) for it in data.items):
+    reasons["query"] = f"{data.name} items have no searchable words"
   return [t for t in TASKS if t not in reasons], reasons
 
 
@@ -241,7 +248,7 @@ def item_categories(dataset) -> tuple:
 
 
 def _item_category_names(data) -> list:
-  if data.name in _GENRE_DATASETS:
+  if data.format in _GENRE_FORMATS:
     return [list(dict.fromkeys(it.category_path)) for it in data.items]
   return [[" > ".join(it.category_path)] if it.category_path else [] for it in data.items]
 
@@ -285,27 +292,55 @@ def tail_items(splits, head_share: float) -> np.ndarray:
   return tail
 
 
+# A term in more than this share of the catalogue ("beauty" on Beauty) narrows nothing; it is
+# never put in a query.
+QUERY_MAX_TERM_SHARE = 0.5
+# Units and packaging words: searchable (a user may type them) but never a generated query term.
+QUERY_STOP = frozenset("ounce ounces fluid gram grams pound pounds liter liters inches piece "
+                       "pieces total".split())
+
+
+def item_search_terms(item) -> set:
+  """An item's searchable terms: the ``pairs.title_terms`` of its title, categories (or
+  genres), tags and brand."""
+  fields = [item.title, " ".join(item.category_path), " ".join(item.tags), item.brand]
+  return set().union(*(pairs.title_terms(f) for f in fields))
+
+
 class QueryIndex:
   """Searchable terms of every item: an inverted index and document frequencies.
 
   Attributes:
     num_items: N.
-    postings: dict term -> sorted [k] int64 item indices whose title or text has the term.
+    postings: dict term -> sorted [k] int64 item indices that have the term
+      (``item_search_terms``).
   """
 
   def __init__(self, dataset):
     data = _raw(dataset)
     self.num_items = len(data.items)
-    self._titles = [it.title for it in data.items]
+    self._terms = [item_search_terms(it) for it in data.items]
+    # Where a term first appears in the item's fields: a query lists its terms in that order.
+    self._order_text = [" ".join([it.title, *it.category_path, *it.tags, it.brand]).lower()
+                        for it in data.items]
     postings = {}
-    for i, it in enumerate(data.items):
-      for w in pairs.title_terms(it.title) | pairs.title_terms(it.text):
+    for i, terms in enumerate(self._terms):
+      for w in terms:
         postings.setdefault(w, []).append(i)
     self.postings = {w: np.asarray(v, np.int64) for w, v in postings.items()}
+    self._dense = {}
     self._cache = {}
 
   def df(self, term: str) -> int:
     return len(self.postings.get(term, ()))
+
+  def _mask(self, term: str) -> np.ndarray:
+    """[N] bool of the items that have ``term`` (memoised: only query terms ask for it)."""
+    m = self._dense.get(term)
+    if m is None:
+      m = self._dense[term] = np.zeros(self.num_items, bool)
+      m[self.postings.get(term, np.zeros(0, np.int64))] = True
+    return m
 
   def match_ids(self, terms) -> np.ndarray:
     """Sorted item indices that have every term (all items for no terms)."""
@@ -321,34 +356,72 @@ class QueryIndex:
     mask[self.match_ids(query_terms(query))] = True
     return mask
 
-  def query_for(self, item: int, num_terms: int, min_matches: int) -> str:
-    """The query of ``item`` with at most ``num_terms`` terms ('' when it has none).
+  def count(self, query: str) -> int:
+    """The number of items that satisfy ``query``."""
+    terms = query_terms(query)
+    if not terms:
+      return self.num_items
+    mask = self._mask(terms[0])
+    for w in terms[1:]:
+      mask = mask & self._mask(w)
+    return int(np.count_nonzero(mask))
 
-    Terms are taken from the most distinctive down; one that would leave fewer than
-    ``min_matches`` matching items is passed over. The query has fewer words than the title.
-    """
-    chain = self._chain(item, min_matches)[:num_terms]
-    low = self._titles[item].lower()
-    return " ".join(sorted(chain, key=lambda w: (low.find(w), w)))
-
-  def _chain(self, item: int, min_matches: int) -> list:
-    """The greedy term sequence of an item; a query of k terms is its first k."""
-    key = (item, min_matches)
+  def candidates(self, item: int, min_matches: int) -> list:
+    """The item's terms a query may use: at least ``min_matches`` items have each, at most
+    ``QUERY_MAX_TERM_SHARE`` of the catalogue, none in ``QUERY_STOP``; sorted alphabetically."""
+    key = ("candidates", item, min_matches)
     if key not in self._cache:
-      title = self._titles[item]
-      limit = len(re.findall(r"\w+", title)) - 1
-      terms = sorted(pairs.title_terms(title), key=lambda w: (self.df(w), w))
-      chosen, ids = [], None
-      for w in terms:
-        if len(chosen) >= limit:
-          break
-        narrowed = (self.postings[w] if ids is None else
-                    np.intersect1d(ids, self.postings[w], assume_unique=True))
-        if len(narrowed) >= min_matches:
-          chosen.append(w)
-          ids = narrowed
-      self._cache[key] = chosen
+      hi = QUERY_MAX_TERM_SHARE * self.num_items
+      self._cache[key] = sorted(w for w in self._terms[item]
+                                if min_matches <= self.df(w) <= hi and w not in QUERY_STOP)
     return self._cache[key]
+
+  def broad_chain(self, item: int, min_matches: int) -> list:
+    """The fallback query's terms: the candidates from the broadest (highest document
+    frequency) down, each kept only while at least ``min_matches`` items still match."""
+    key = ("broad", item, min_matches)
+    if key not in self._cache:
+      terms = sorted(self.candidates(item, min_matches), key=lambda w: (-self.df(w), w))
+      self._cache[key] = self._greedy(terms, len(terms), min_matches)
+    return self._cache[key]
+
+  def _greedy(self, terms, num_terms: int, min_matches: int) -> list:
+    """``terms`` in order, each kept while the kept ones match ``min_matches`` items."""
+    chosen, mask = [], None
+    for w in terms:
+      if len(chosen) >= num_terms:
+        break
+      if mask is None:  # a candidate alone matches enough items
+        chosen, mask = [w], self._mask(w)
+        continue
+      narrowed = mask & self._mask(w)
+      if np.count_nonzero(narrowed) >= min_matches:
+        chosen.append(w)
+        mask = narrowed
+    return chosen
+
+  def draw(self, item: int, num_terms: int, min_terms: int, min_matches: int,
+           rng: np.random.Generator) -> str:
+    """A query for ``item``: ``num_terms`` terms at most, at least ``min_matches`` items.
+
+    The item's candidate terms are visited in a random order (``rng``); a term is kept while
+    the query with it still matches at least ``min_matches`` items. When that leaves fewer than
+    ``min_terms`` terms, the first ``num_terms`` terms of ``broad_chain`` are used instead. ''
+    when the item has no query of ``min_terms`` terms (``has_query`` is False).
+    """
+    cands = self.candidates(item, min_matches)
+    chosen = self._greedy([cands[j] for j in rng.permutation(len(cands))], num_terms,
+                          min_matches)
+    if len(chosen) < min_terms:
+      chosen = self.broad_chain(item, min_matches)[:num_terms]
+      if len(chosen) < min_terms:
+        return ""
+    low = self._order_text[item]
+    return " ".join(sorted(chosen, key=lambda w: (low.find(w), w)))
+
+  def has_query(self, item: int, min_terms: int, min_matches: int) -> bool:
+    """Whether ``item`` has a query of at least ``min_terms`` terms (its ``broad_chain``)."""
+    return len(self.broad_chain(item, min_matches)) >= min_terms
 
 
 def query_terms(query: str) -> list:
@@ -383,9 +456,11 @@ def query_matches(query: str, dataset) -> np.ndarray:
   return query_index(dataset).matches(query)
 
 
-def make_query(item: int, dataset, num_terms: int, min_matches: int = 2) -> str:
-  """The search query of one item with at most ``num_terms`` terms ('' when it has none)."""
-  return query_index(dataset).query_for(int(item), int(num_terms), int(min_matches))
+def make_query(item: int, dataset, num_terms: int, min_matches: int = 50, min_terms: int = 1,
+               seed: int = 0) -> str:
+  """One search query for an item (``QueryIndex.draw``, drawn with ``seed``); '' when none."""
+  return query_index(dataset).draw(int(item), int(num_terms), int(min_terms), int(min_matches),
+                                   np.random.default_rng(seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,10 +561,11 @@ class _Context:
     self._has_query = None
 
   def has_query(self) -> np.ndarray:
-    """[N] bool: the item has a query of at least ``query_min_terms`` terms."""
+    """[N] bool: the item has a query of at least ``query_min_terms`` terms that matches at
+    least ``query_min_matches`` items (``QueryIndex.has_query``)."""
     if self._has_query is None:
       k, m = self.cfg["query_min_terms"], self.cfg["query_min_matches"]
-      self._has_query = np.array([len(query_terms(self.query_index.query_for(i, k, m))) >= k
+      self._has_query = np.array([self.query_index.has_query(i, k, m)
                                   for i in range(self.num_items)], bool)
     return self._has_query
 
@@ -620,13 +696,8 @@ def _build_task(ctx: _Context, task: str, split: str, cand: _Candidates) -> Task
   elif task == "query":
     lengths = rng.integers(cfg["query_min_terms"], cfg["query_max_terms"] + 1, size=m)
     qi = ctx.query_index
-    # One query per distinct (target, length), not per example.
-    pair_keys, inverse = np.unique(target.astype(np.int64) * (cfg["query_max_terms"] + 1) +
-                                   lengths, return_inverse=True)
-    texts = [qi.query_for(int(key // (cfg["query_max_terms"] + 1)),
-                          int(key % (cfg["query_max_terms"] + 1)), cfg["query_min_matches"])
-             for key in pair_keys]
-    constraint = [texts[j] for j in inverse.reshape(-1)]
+    constraint = [qi.draw(int(t), int(k), cfg["query_min_terms"], cfg["query_min_matches"], rng)
+                  for t, k in zip(target, lengths)]
     fill = constraint
     allowed = lambda i: qi.matches(constraint[i])
   elif task == "longtail":
@@ -702,13 +773,46 @@ def task_counts(dataset, task_cfg=None) -> dict:
   Returns:
     {"dataset": name, "counts": {task: {split: M}}, "unavailable": {task: reason},
      "families": FAMILIES, "settings": the resolved task config,
-     "tail_items": number of tail items, "categories": number of categories}.
+     "tail_items": number of tail items, "categories": number of categories,
+     "query": {split: query_stats(...)} where the Query task is available}.
   """
   ctx = _Context(dataset, resolve_config(task_cfg))
   counts = {t: {} for t in ctx.available}
+  query = {}
   for split in SPLITS:
+    cand = _candidates(ctx, split)
     for t, ex in _build_split(ctx, split, None).items():
       counts[t][split] = len(ex)
-  return {"dataset": ctx.data.name, "counts": counts, "unavailable": dict(ctx.reasons),
-          "families": {f: list(ts) for f, ts in FAMILIES.items()}, "settings": dict(ctx.cfg),
-          "tail_items": int(ctx.tail.sum()), "categories": len(ctx.cat_names)}
+      if t == "query":
+        query[split] = query_stats(ctx.query_index, ex.constraint,
+                                   int((~ctx.has_query()[cand.target]).sum()))
+  out = {"dataset": ctx.data.name, "counts": counts, "unavailable": dict(ctx.reasons),
+         "families": {f: list(ts) for f, ts in FAMILIES.items()}, "settings": dict(ctx.cfg),
+         "tail_items": int(ctx.tail.sum()), "categories": len(ctx.cat_names)}
+  if query:
+    out["query"] = query
+  return out
+
+
+def query_stats(index: QueryIndex, queries, dropped: int) -> dict:
+  """How narrow a split's queries are.
+
+  Args:
+    index: the dataset's QueryIndex.
+    queries: the split's query strings (one per example).
+    dropped: the split's candidate targets that have no query (``has_query`` False), which no
+      example was built for.
+
+  Returns:
+    {"examples", "dropped", "matches_min", "matches_median", "matches_max" (items matching each
+     example's query), "terms_mean" (terms per query)}.
+  """
+  memo = {}
+  n = np.array([memo[q] if q in memo else memo.setdefault(q, index.count(q)) for q in queries],
+               np.int64)
+  terms = np.array([len(query_terms(q)) for q in queries], np.int64)
+  if not len(n):
+    return {"examples": 0, "dropped": int(dropped)}
+  return {"examples": int(len(n)), "dropped": int(dropped), "matches_min": int(n.min()),
+          "matches_median": float(np.median(n)), "matches_max": int(n.max()),
+          "terms_mean": round(float(terms.mean()), 3)}

@@ -1,13 +1,14 @@
 """One dataset's comparison: the rows, τ selection, paired intervals and the tables (Markdown and
 JSON) of ``launch/compare.py``. ``sigma_jax.experiment`` runs the rows through the pipeline.
 
-Rows: ``collab`` (SASRec), ``gr_sid`` (TIGER-style full SID), ``gr_id``, ``sigma``, and the
-ablations ``sigma_no_grounding`` (SIDs from un-grounded TF-IDF text embeddings),
-``sigma_no_apf`` (sigma's model ranked without APF) and ``sigma_fixed_fusion`` (sigma's model,
-APF with a constant σ chosen on validation instead of the adaptive one). A row's config is the
-comparison's config with the row's variant applied (``configure(cfg, row)``; ``launch.compare``
-passes ``configs/base.py``'s ``apply_variant``, where the rows' config changes are defined); this
-module holds what is not config: the stages each row runs itself and whose SFT it reuses.
+Rows: ``popular`` (the most popular training items; no model), ``collab`` (SASRec), ``gr_sid``
+(TIGER-style full SID), ``gr_id``, ``sigma``, and the ablations ``sigma_no_grounding`` (SIDs
+from un-grounded TF-IDF text embeddings), ``sigma_no_apf`` (sigma's model ranked without APF)
+and ``sigma_fixed_fusion`` (sigma's model, APF with a constant σ chosen on validation instead of
+the adaptive one). A row's config is the comparison's config with the row's variant applied
+(``configure(cfg, row)``; ``launch.compare`` passes ``configs/base.py``'s ``apply_variant``,
+where the rows' config changes are defined); this module holds what is not config: the stages
+each row runs itself and whose SFT it reuses.
 
 The shared stages (data, text_tokenizer, collab, ground, tokenize) run once in WORKDIR; each
 row's own stages run in WORKDIR/rows/<row>, which links the shared ones. APF's τ is chosen per
@@ -26,8 +27,8 @@ from sigma_jax import utils
 from sigma_jax import workdir as wd
 
 SHARED = ("data", "text_tokenizer", "collab", "ground", "tokenize")
-ROWS = ("collab", "sigma", "gr_sid", "gr_id", "sigma_no_grounding", "sigma_no_apf",
-        "sigma_fixed_fusion")  # order
+ROWS = ("popular", "collab", "sigma", "gr_sid", "gr_id", "sigma_no_grounding",
+        "sigma_no_apf", "sigma_fixed_fusion")  # order
 MODEL_ROWS = {  # row -> (its own stages, the row whose sft it reuses); config: its variant
     "sigma": (("sft", "eval"), None),
     "gr_sid": (("sft", "eval"), None),
@@ -36,6 +37,10 @@ MODEL_ROWS = {  # row -> (its own stages, the row whose sft it reuses); config: 
     "sigma_no_apf": (("eval",), "sigma"),
     "sigma_fixed_fusion": (("eval",), "sigma"),
 }
+# A row named "<row>@all_items" is <row>'s model ranked under TIGER's protocol: every catalogue
+# item ranked, the user's own history items included (dataset.exclude_history=false). It reuses
+# <row>'s trained stages; its τ is chosen on validation under that protocol.
+ALL_ITEMS = "@all_items"
 DEFAULT_TAUS = ("0.003", "0.01", "0.03", "0.1")
 # The τ grid of a row with a fixed σ (generation.apf_fixed_sigma = 1): its item logits are
 # cos · σ / τ with one σ for every query, so choosing τ chooses the constant σ/τ. The grid spans
@@ -55,11 +60,40 @@ def row_dir(workdir: str, row: str) -> str:
   return os.path.join(workdir, "rows", row)
 
 
+def split_row(name: str) -> tuple[str, bool]:
+  """'sigma@all_items' -> ('sigma', True); 'sigma' -> ('sigma', False).
+
+  Raises ValueError naming the choices for an unknown row or protocol suffix.
+  """
+  row, at, protocol = name.partition("@")
+  if row not in ROWS or (at and at + protocol != ALL_ITEMS):
+    raise ValueError(f"unknown row {name!r}; choose from {', '.join(ROWS)}, each optionally "
+                     f"with the suffix {ALL_ITEMS} (TIGER's protocol: history items ranked too)")
+  return row, bool(at)
+
+
+def ordered_rows(names) -> list:
+  """The requested rows in table order: each row of ``ROWS``, then its ``@all_items`` twin."""
+  wanted = set(names)
+  for n in wanted:
+    split_row(n)
+  return [n for row in ROWS for n in (row, row + ALL_ITEMS) if n in wanted]
+
+
+def protocol_config(cfg, all_items: bool):
+  """``cfg`` (in place) under TIGER's protocol when ``all_items``: history items ranked too."""
+  if all_items:
+    cfg.dataset.exclude_history = False
+  return cfg
+
+
 def row_config(cfg, row: str, configure: Configure):
-  """The row's config: a resolved copy of ``cfg`` with the row's variant applied."""
-  if row not in MODEL_ROWS:
-    raise ValueError(f"unknown row {row!r}; choose from {', '.join(MODEL_ROWS)}")
-  return configure(cfg.copy_and_resolve_references(), row)
+  """The row's config: a resolved copy of ``cfg`` with the row's variant (and, for an
+  ``@all_items`` row, TIGER's protocol) applied."""
+  base, all_items = split_row(row)
+  if base not in MODEL_ROWS:
+    raise ValueError(f"{row!r} is not a generative row; those are {', '.join(MODEL_ROWS)}")
+  return protocol_config(configure(cfg.copy_and_resolve_references(), base), all_items)
 
 
 def select_tau(cfg, rdir: str, taus, tau_limit: int = 0) -> dict:
@@ -112,6 +146,46 @@ def collab_row(cfg, workdir: str) -> dict:
   return row
 
 
+def popular_row(cfg, workdir: str, row: str = "popular") -> dict:
+  """The ``popular`` row (``sigma_jax.eval.popular``): needs the data stage only.
+
+  Ranks every task's validation and test examples (``generation.eval_tasks``, at most
+  ``generation.eval_limit`` per task, as the eval stage does) through ``evaluate.evaluate`` and
+  writes WORKDIR/rows/popular/eval/metrics.json and ranks.npz (for the paired bootstrap).
+
+  Returns:
+    the row in ``model_row``'s layout: per task for MovieLens and the demo, else JustForYou's.
+  """
+  import time
+
+  import numpy as np
+  from sigma_jax.data import loader
+  from sigma_jax.eval import evaluate, popular
+  from sigma_jax.train import sft
+
+  start = time.time()
+  ds = loader.load_dataset(cfg, workdir)
+  ranker = popular.PopularRanker(cfg, ds)
+  g = cfg.generation
+  ranks = {}
+  results = evaluate.evaluate(cfg, ds, ranker, task_names=sft.task_list(g.eval_tasks),
+                              limit=int(g.eval_limit) or None, progress=bool(cfg.progress),
+                              ranks_out=ranks)
+  rdir = row_dir(workdir, row)
+  os.makedirs(wd.stage_dir(rdir, "eval"), exist_ok=True)
+  metrics = {"tasks": results, "mode": "popular",
+             "protocol": {"ranking": "training-split popularity (ties: lower item index); hard "
+                                     "constraints applied as the generator applies them",
+                          "history_items": "never returned" if ranker.exclude_history
+                                           else "ranked like any other item"},
+             "wall_time_s": round(time.time() - start, 1)}
+  utils.atomic_write(wd.path(rdir, wd.EVAL_RANKS), lambda f: np.savez(f, **ranks), "wb")
+  utils.write_json(wd.path(rdir, wd.EVAL_METRICS), metrics)
+  row = model_row({"metrics": metrics, "tau": None}, is_per_task(cfg))
+  del row["apf"]
+  return row
+
+
 def model_row(res: dict, per_task: bool) -> dict:
   """A generative row of the results table from ``run_row``'s result."""
   tasks = res["metrics"]["tasks"]
@@ -124,8 +198,10 @@ def model_row(res: dict, per_task: bool) -> dict:
 
 
 def is_per_task(cfg) -> bool:
-  """Whether the tables report every task (MovieLens, demo) or JustForYou alone."""
-  return bool(cfg.dataset.name in ("movielens", "demo"))
+  """Whether the tables report every task (format movielens: MovieLens, the demo) or
+  JustForYou alone (the Amazon formats)."""
+  from sigma_jax.data import raw
+  return raw.resolve_format(cfg.dataset.name, cfg.dataset.format) == "movielens"
 
 
 def result(cfg, workdir: str, rows: dict, timing: dict, command: str) -> dict:
@@ -150,6 +226,10 @@ def result(cfg, workdir: str, rows: dict, timing: dict, command: str) -> dict:
                                         "one bucket per item); measured as invalid_share",
           "selection": "collab: epoch by validation NDCG@10; sigma rows: APF τ by validation "
                        "mean NDCG@10; test evaluated once",
+          "rows_named_row@all_items": "TIGER's protocol: the row's model with every item "
+                                      "ranked, history items included; τ chosen on validation "
+                                      "under it; collab@all_items re-ranks with the parameters of "
+                                      "the epoch collab selected under its own run's protocol",
           "sft": {"epochs": float(cfg.sft.epochs), "tasks": cfg.sft.tasks or "all available",
                   "id_negatives": str(cfg.sft.id_negatives),
                   "backbone": cfg.model.size},
@@ -169,13 +249,31 @@ def report(cfg, result_: dict) -> str:
           paired_markdown(result_["paired_vs_sigma"]))
 
 
-def write(cfg, result_: dict, out_dir: str) -> str:
-  """Writes OUT_DIR/<dataset>.json and .md; returns the Markdown."""
-  name = cfg.dataset.name
+def output_paths(cfg, out_dir: str) -> tuple[str, str]:
+  """OUT_DIR/<dataset>.json and OUT_DIR/<dataset>.md."""
+  return tuple(os.path.join(out_dir, f"{cfg.dataset.name}.{ext}") for ext in ("json", "md"))
+
+
+def check_overwrite(cfg, out_dir: str, overwrite: bool) -> None:
+  """Raises FileExistsError if a table ``write`` would replace exists and ``overwrite`` is off."""
+  if overwrite:
+    return
+  existing = [p for p in output_paths(cfg, out_dir) if os.path.exists(p)]
+  if existing:
+    raise FileExistsError(f"{existing[0]} already exists and would be overwritten; pass "
+                          "--overwrite to replace it, or --out=DIR to write the tables to DIR "
+                          "(--out=docs/results replaces the committed ones)")
+
+
+def write(cfg, result_: dict, out_dir: str, overwrite: bool = True) -> str:
+  """Writes OUT_DIR/<dataset>.json and .md; returns the Markdown. With ``overwrite`` off an
+  existing table is an error (``check_overwrite``)."""
+  check_overwrite(cfg, out_dir, overwrite)
   md = report(cfg, result_)
   os.makedirs(out_dir, exist_ok=True)
-  utils.write_json(os.path.join(out_dir, f"{name}.json"), result_)
-  utils.write_bytes(os.path.join(out_dir, f"{name}.md"), md.encode())
+  json_path, md_path = output_paths(cfg, out_dir)
+  utils.write_json(json_path, result_)
+  utils.write_bytes(md_path, md.encode())
   return md
 
 
@@ -183,7 +281,8 @@ def paired(workdir: str, rows, reference: str = "sigma", k: int = 10) -> dict:
   """Paired bootstrap of test NDCG@k, reference row minus each other generative row, per task.
 
   Uses each row's WORKDIR/rows/<row>/eval/ranks.npz (per-example target ranks). Rows evaluated
-  before ranks were saved are listed under "missing"; re-running their eval stage adds them.
+  before ranks were saved are listed under "missing"; re-running their eval stage adds them. An
+  ``@all_items`` row is compared with ``<reference>@all_items`` (the same protocol).
   """
   import numpy as np
   from sigma_jax.eval import metrics as M
@@ -194,12 +293,17 @@ def paired(workdir: str, rows, reference: str = "sigma", k: int = 10) -> dict:
 
   out = {"reference": reference, "metric": f"ndcg@{k}", "split": "test", "resamples": 2000,
          "interval": "95% percentile bootstrap over examples, paired", "rows": {}, "missing": []}
-  ref = load(reference) if reference in rows else None
-  if ref is None:
-    out["missing"].append(reference)
-    return out
+  refs = {}
+  for suffix in ("", ALL_ITEMS):
+    if any(r.endswith(ALL_ITEMS) == bool(suffix) for r in rows):
+      name = reference + suffix
+      refs[suffix] = load(name) if name in rows else None
+      if refs[suffix] is None:
+        out["missing"].append(name)
   for row in rows:
-    if row in (reference, "collab"):
+    suffix = ALL_ITEMS if row.endswith(ALL_ITEMS) else ""
+    ref = refs.get(suffix)
+    if row in (reference + suffix, "collab" + suffix) or ref is None:
       continue
     other = load(row)
     if other is None:
@@ -217,7 +321,10 @@ def paired_markdown(paired: dict) -> str:
   if not paired.get("rows"):
     return ""
   tasks = sorted({t for r in paired["rows"].values() for t in r})
-  lines = [f"## {paired['reference']} minus each row: test {paired['metric'].upper()}, "
+  ref = paired["reference"]
+  if any(r.endswith(ALL_ITEMS) for r in paired["rows"]):
+    ref = f"{ref} (for an {ALL_ITEMS} row: {ref}{ALL_ITEMS})"
+  lines = [f"## {ref} minus each row: test {paired['metric'].upper()}, "
            f"{paired['interval']} ({paired['resamples']} resamples; * the interval excludes 0)",
            "", "| row | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
   for row, r in paired["rows"].items():

@@ -8,7 +8,8 @@ from sigma_jax.data import builders, loader
 
 
 def run(cfg, workdir: str) -> dict:
-  builders.build(cfg.dataset.name, loader.tfds_dir(cfg, workdir), cfg.dataset.manual_dir)
+  builders.build(cfg.dataset.name, loader.tfds_dir(cfg, workdir), cfg.dataset.manual_dir,
+                 cfg.dataset.format)
   ds = loader.load_dataset(cfg, workdir)
   stats = ds.raw.stats()
   stats["splits"] = ds.splits.counts()

@@ -3,9 +3,11 @@
 Trains on every task the dataset allows (or ``sft.tasks``), training split only, with the pieces
 ``sigma_jax.train.sft.setup`` builds. Writes ``WORKDIR/sft/``: ``ckpt/`` (params, optimizer,
 step), ``metrics.jsonl`` (each loss part, gradient norm, tokens/s, learning rate) and
-``tasks.json`` (examples per task and split).
+``tasks.json`` (examples per task and split; for Query, the items each query matches).
 """
 from __future__ import annotations
+
+import logging
 
 from sigma_jax import distributed, parallel, utils, workdir as wd
 from sigma_jax.data import loader, tasks
@@ -16,7 +18,12 @@ def run(cfg, workdir: str) -> dict:
   s = cfg.sft
   ds = loader.load_dataset(cfg, workdir)
   run_ = sft.setup(cfg, workdir, parallel.make_mesh(cfg.mesh), ds=ds)
-  utils.write_json(wd.path(workdir, wd.SFT_TASKS), tasks.task_counts(ds, cfg.tasks))
+  counts = tasks.task_counts(ds, cfg.tasks)
+  utils.write_json(wd.path(workdir, wd.SFT_TASKS), counts)
+  for split, q in counts.get("query", {}).items():
+    logging.info("query/%s: %d examples, %d targets without a query (dropped); items matching a "
+                 "query: median %s, min %s", split, q["examples"], q["dropped"],
+                 q.get("matches_median"), q.get("matches_min"))
 
   def train_step(state, step):
     batch = run_.host_batch(step)  # this process's rows

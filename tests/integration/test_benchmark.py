@@ -92,3 +92,48 @@ def test_sft_step_times_both_layouts_on_the_demo_run(demo_workdir):
     assert _positive(out[lay]["ms_per_step"]) and _positive(out[lay]["host_build_ms"])
   assert _positive(out["speedup"])
   assert out["loss_rel_diff"] < 1e-4  # the same loss, packed or not
+
+
+@pytest.mark.slow
+def test_profile_prints_mfu_users_per_s_and_parts():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+      "--xla_force_host_platform_device_count=8", "")
+  proc = subprocess.run([sys.executable, "-m", "launch.benchmark", "profile",
+                         "--config=configs/beauty.py:tiny", "--profile_items=300",
+                         "--history=4", "--reps=1", "--prompt_len=8",
+                         "--matmul_sizes=64x32x128,128x128x128"],
+                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stdout
+  out = json.loads(lines[0])
+  assert out["benchmark"] == "profile"
+  for key in ("matmul_flops_per_s", "mfu_sft", "mfu_decode", "mfu_eval", "eval_users_per_s",
+              "sft_flops_per_step", "wall_s"):
+    assert _positive(out[key]), (key, out[key])
+  assert set(out["matmul_flops_per_s_by_shape"]) == {"64x32x128", "128x128x128"}
+  parts = out["wall_time_s_by_part"]
+  assert set(parts["sft"]) == {"host_batch_build", "forward", "forward_backward", "optimizer",
+                               "train_step"}
+  assert set(parts["eval"]) == {"host_prompts_and_mask", "prefill", "beam_search", "q_pass",
+                                "retrieval_fusion", "generate", "recommend"}
+  for group in parts.values():
+    assert all(_positive(v) for v in group.values()), group
+  # The separately jitted parts chain to the same ranking as the one generate program.
+  assert out["eval_parts_agree"] is True
+  assert out["setting"]["items"] == 300 and out["setting"]["backbone"] == "tiny"
+
+
+def test_matmul_params_are_the_decoder_weights_but_embedding_and_norms():
+  import jax
+  from configs import base
+  from sigma_jax import profile
+  m = base.backbone("tiny")
+  m.vocab_size = 100
+  _, params = testing.random_decoder(m, 0)
+  counted = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+                if not any(s in jax.tree_util.keystr(path) for s in ("embedding", "scale")))
+  assert profile.decoder_matmul_params(m) == counted
+  # Causal attention: a sequence of L tokens sees L(L+1)/2 keys.
+  assert profile.attention_flops(m, [profile._causal_keys([3])]) == 4 * 2 * 4 * 8 * 6

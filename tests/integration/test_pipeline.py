@@ -64,6 +64,20 @@ def test_a_recipe_from_before_a_new_key_matches_its_old_behaviour(tmp_path):
   assert pipeline.recipe_changes(cfg, workdir, "sft") == ["sft.similarity: 'cosine' -> 'dot'"]
 
 
+def test_a_data_recipe_from_before_dataset_format_is_unchanged(tmp_path):
+  """dataset.format was added later: a data stage recorded without it is not 'changed'."""
+  cfg = base.base_config()
+  workdir = str(tmp_path)
+  old = pipeline.recipe(cfg, "data", workdir)
+  del old["dataset.format"]
+  os.makedirs(os.path.join(workdir, "data"))
+  with open(wd.recipe_path(workdir, "data"), "w") as f:
+    json.dump(old, f)
+  assert pipeline.recipe_changes(cfg, workdir, "data") == []
+  cfg.dataset.format = "amazon_p5"
+  assert pipeline.recipe_changes(cfg, workdir, "data") == ["dataset.format: '' -> 'amazon_p5'"]
+
+
 def test_a_recipe_with_a_renamed_key_reads_under_the_new_name(tmp_path):
   """sft.every_position=True was renamed sft.layout='sequence' (False: 'per_position')."""
   cfg = base.base_config()

@@ -113,3 +113,97 @@ def test_error_no_model(tmp_path, cli_env):
   assert out.returncode == 2
   assert "Traceback" not in out.stderr
   assert "has no trained model" in out.stderr.strip().splitlines()[-1]
+
+
+# -- batch serving (--users_file) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rec(demo_workdir):
+  """The demo work directory's Recommender, in this process."""
+  from configs import demo
+  from sigma_jax import serve
+  return serve.load(demo.get_config(), demo_workdir)
+
+
+def _requests_file(tmp_path, lines):
+  path = tmp_path / "users.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def test_serve_file_answers_every_line_in_order(rec, tmp_path):
+  from sigma_jax import serve
+  lines = [
+      json.dumps({"id": "u1", "user": USER}),                                     # 1
+      json.dumps({"history": ITEMS, "task": "holiday", "holiday": "christmas"}),  # 2
+      '{"user": ',                                                                # 3 bad JSON
+      json.dumps({"id": 7, "history": [ITEMS[0], "no_such_item"]}),               # 4
+      "",                                                                         # blank
+      json.dumps({"history": []}),                                                # 6
+      json.dumps({"user": "no_such_user"}),                                       # 7
+      json.dumps({"user": USER, "topp": 3}),                                      # 8
+      json.dumps({"user": USER, "task": "category", "category": "Comedy"}),       # 9
+      json.dumps(["not", "an", "object"]),                                        # 10
+      json.dumps({"history": ",".join(ITEMS)}),                                   # 11
+  ]
+  out = str(tmp_path / "recs.jsonl")
+  errors = []
+  served, failed = serve.serve_file(rec, _requests_file(tmp_path, lines), out, top=5,
+                                    batch_size=2, progress=False,
+                                    on_error=lambda n, m: errors.append(n))
+  assert (served, failed) == (4, 6)
+  records = [json.loads(l) for l in open(out)]
+  assert [r["line"] for r in records] == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11]
+  by_line = {r["line"]: r for r in records}
+  assert sorted(errors) == [3, 4, 6, 7, 8, 10]
+  reasons = {3: "not valid JSON", 4: "unknown item id(s) in the history: no_such_item",
+             6: "the history is empty", 7: "unknown user 'no_such_user'",
+             8: "unknown field(s) 'topp'", 10: "a request is a JSON object"}
+  for line, reason in reasons.items():
+    assert reason in by_line[line]["error"], by_line[line]
+    assert "items" not in by_line[line]
+  assert by_line[1]["id"] == "u1" and by_line[4]["id"] == 7
+  for line in (1, 2, 9, 11):
+    r = by_line[line]
+    assert "error" not in r and r["instruction"]
+    assert len(r["items"]) == 5
+    assert all(set(i) == {"item", "title", "category", "score"} for i in r["items"])
+  assert "Christmas" in by_line[2]["instruction"]
+  assert all("Comedy" in i["category"].split(", ") for i in by_line[9]["items"])
+  # A batch answers as the single-user call does (same lists, same instruction).
+  # (Scores to float32 rounding: a batch of 2 and a batch of 1 are different programs.)
+  def same(batch_rows, single_rows):
+    assert [i["item"] for i in batch_rows] == [i["item"] for i in single_rows]
+    assert [i["score"] for i in batch_rows] == pytest.approx([i["score"] for i in single_rows],
+                                                             rel=1e-4, abs=1e-6)
+
+  single, instruction = rec.recommend(user=USER, top=5, with_instruction=True)
+  same(by_line[1]["items"], single)
+  assert by_line[1]["instruction"] == instruction
+  # A list history and a comma-separated one are the same request.
+  same(by_line[11]["items"], rec.recommend(history=ITEMS, top=5))
+  # Written through a temporary file: nothing else is left next to the answer.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["recs.jsonl", "users.jsonl"]
+
+
+def test_serve_file_every_line_failed(rec, tmp_path):
+  from sigma_jax import serve
+  path = _requests_file(tmp_path, ['{"user": "no_such_user"}', "oops"])
+  out = str(tmp_path / "recs.jsonl")
+  assert serve.serve_file(rec, path, out, progress=False) == (0, 2)
+  assert [set(json.loads(l)) for l in open(out)] == [{"line", "error"}] * 2
+  with pytest.raises(serve.ServeError, match="cannot read"):
+    serve.serve_file(rec, str(tmp_path / "missing.jsonl"), out, progress=False)
+
+
+def test_users_file_cli(demo_workdir, cli_env, tmp_path):
+  path = _requests_file(tmp_path, [json.dumps({"user": USER}), json.dumps({"user": "nobody"})])
+  out = tmp_path / "out" / "recs.jsonl"
+  proc = recommend(cli_env, f"--workdir={demo_workdir}", f"--users_file={path}", f"--out={out}",
+                   "--top=3", "--batch_size=4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"{path}:2: unknown user 'nobody'" in proc.stderr
+  assert "served 1 of 2 requests" in proc.stderr
+  records = [json.loads(l) for l in out.read_text().splitlines()]
+  assert len(records[0]["items"]) == 3 and "error" in records[1]

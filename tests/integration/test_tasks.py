@@ -1,7 +1,6 @@
 """The instruction task builder (DESIGN §4): rules, no leakage, availability, phrasings."""
 import datetime
 import os
-import re
 
 import numpy as np
 import pytest
@@ -48,6 +47,24 @@ def _tables(ds: Dataset, share: float):
   return _TABLES[key]
 
 
+def _search_terms(ds: Dataset) -> list:
+  """Each item's searchable terms, computed here from its fields (not by tasks.QueryIndex)."""
+  key = (id(ds), "terms")
+  if key not in _TABLES:
+    _TABLES[key] = [set().union(*(pairs.title_terms(f) for f in (
+        it.title, " ".join(it.category_path), " ".join(it.tags), it.brand)))
+                    for it in ds.raw.items]
+  return _TABLES[key]
+
+
+def _term_mask(ds: Dataset, term: str) -> np.ndarray:
+  """[N] bool: the items whose ``_search_terms`` have ``term``."""
+  key = (id(ds), "term", term)
+  if key not in _TABLES:
+    _TABLES[key] = np.array([term in t for t in _search_terms(ds)])
+  return _TABLES[key]
+
+
 def _check_examples(ds: Dataset, ex: tasks.TaskExamples, cfg: dict, limit: int = 10**9):
   """Asserts every example of ``ex`` obeys its task's rule; per-example loops stop at limit."""
   data, s = ds.raw, ds.splits
@@ -72,14 +89,21 @@ def _check_examples(ds: Dataset, ex: tasks.TaskExamples, cfg: dict, limit: int =
       assert allowed.shape == (len(data.items),) and allowed[ex.target[i]]
     if ex.task == "query":
       q = ex.constraint[i]
-      title = data.items[ex.target[i]].title
+      item = data.items[ex.target[i]]
       assert q and f"{q}" in ex.instruction[i]
-      assert len(q.split()) < len(re.findall(r"\w+", title)) and len(q) < len(title)
-      assert len(q.split()) <= cfg["query_max_terms"]
-      matches = tasks.query_matches(q, ds)
-      assert matches[ex.target[i]] and matches.sum() >= cfg["query_min_matches"]
-      text = (data.items[ex.target[i]].title + " " + data.items[ex.target[i]].text).lower()
-      assert all(w in text for w in q.split())
+      words = q.split()
+      assert cfg["query_min_terms"] <= len(words) <= cfg["query_max_terms"]
+      assert len(set(words)) == len(words)
+      # Every term is one of the target's own (title, categories, tags, brand) ...
+      terms = _search_terms(ds)
+      assert set(words) <= terms[ex.target[i]], (q, item)
+      # ... and together they match the target and at least query_min_matches items: the query
+      # is a search among many, never the target's name. Counted independently of the index.
+      matching = np.ones(len(terms), bool)
+      for w in words:
+        matching &= _term_mask(ds, w)
+      assert matching[ex.target[i]] and matching.sum() >= cfg["query_min_matches"], q
+      assert (allowed == matching).all()
     elif ex.task == "discover":
       h = ex.history[i][ex.history[i] >= 0]
       assert (membership[ex.target[i]] & ~membership[h].any(axis=0)).any()
@@ -227,19 +251,41 @@ def test_categories(demo):
 
 def test_query_definition(demo):
   qi = tasks.query_index(demo)
-  title = demo.raw.items[0].title  # Toy Story (1995)
-  q = tasks.make_query(0, demo, 3)
-  assert q and set(q.split()) <= pairs.title_terms(title)
-  mask = tasks.query_matches(q, demo)
-  assert mask[0] and mask.sum() >= 2
-  # Matching: every term must be in the item's title or text.
-  for i in np.flatnonzero(mask):
-    it = demo.raw.items[i]
-    assert set(q.split()) <= pairs.title_terms(it.title) | pairs.title_terms(it.text)
+  item = demo.raw.items[0]  # Toy Story (1995): Adventure|Animation|Children|Comedy|Fantasy
+  own = tasks.item_search_terms(item)
+  assert {"story", "animation", "comedy", "pixar"} <= own and "tags" not in own
+  for seed in range(5):
+    q = tasks.make_query(0, demo, 3, min_matches=50, seed=seed)
+    assert q and set(q.split()) <= own and len(q.split()) <= 3
+    mask = tasks.query_matches(q, demo)
+    assert mask[0] and mask.sum() >= 50 and qi.count(q) == mask.sum()
+    # Matching: every term is a searchable term of the item.
+    for i in np.flatnonzero(mask):
+      assert set(q.split()) <= tasks.item_search_terms(demo.raw.items[i])
+  # Too narrow for any query: no term of Toy Story is shared by 2,000 items.
+  assert tasks.make_query(0, demo, 3, min_matches=2000) == ""
+  assert not qi.has_query(0, 1, 2000) and qi.has_query(0, 1, 50)
   assert not tasks.query_matches("story zzzzunknown", demo).any()
   assert tasks.query_matches("", demo).all()
   # More terms only narrow the match set.
   assert (qi.matches("story toy") <= qi.matches("story")).all()
+
+
+def test_query_drops_targets_without_a_query(demo):
+  """A target with no query of min_matches items gets no Query example; counted as dropped."""
+  cfg = {"query_min_matches": 300}
+  qi = tasks.query_index(demo)
+  ex = tasks.build_tasks(demo, cfg, "test", tasks=["query"])["query"]
+  has = np.array([qi.has_query(i, 1, 300) for i in range(len(demo.raw.items))])
+  want = has[demo.splits.test_target]
+  assert (~want).sum() > 0  # the threshold is high enough to drop some
+  assert len(ex) == want.sum() and set(ex.user.tolist()) == set(
+      np.asarray(demo.splits.users)[want].tolist())
+  assert all(qi.count(q) >= 300 for q in ex.constraint)
+  stats = tasks.task_counts(demo, cfg)["query"]
+  assert stats["test"]["dropped"] == (~want).sum()
+  assert stats["test"]["examples"] == len(ex) == stats["test"]["examples"]
+  assert stats["test"]["matches_min"] >= 300
 
 
 def test_tail_uses_training_popularity_only(demo):
@@ -264,6 +310,11 @@ def test_task_counts_and_config(demo):
   assert all(set(v) == set(tasks.SPLITS) for v in c["counts"].values())
   assert c["settings"]["holiday_days"] == 7
   assert c["counts"]["holiday"]["train"] < c["counts"]["justforyou"]["train"]
+  for split in tasks.SPLITS:  # how narrow the queries are, per split
+    q = c["query"][split]
+    assert q["examples"] == c["counts"]["query"][split] and q["dropped"] >= 0
+    assert q["matches_min"] >= c["settings"]["query_min_matches"] == 50
+    assert q["matches_median"] >= q["matches_min"]
   with pytest.raises(ValueError, match="longtail_head_share"):
     tasks.build_tasks(demo, {"longtail_head_share": 1.5}, "test")
   with pytest.raises(ValueError, match="split"):

@@ -49,10 +49,28 @@ def test_shipped_configs_are_valid(module, arg):
     (dict(ground__batch_pairs=3),
      r"ground\.batch_pairs x 2=6 is not divisible by the 8 data-parallel"),
     (dict(mesh__model=3), r"mesh .* the fixed axes need a multiple of 3 devices"),
+    (dict(dataset__name="my_shop"),
+     r"unknown dataset 'my_shop' \(dataset\.name\) and no dataset\.format"),
+    (dict(dataset__name="my_shop", dataset__format="amazon_p5"),
+     r"dataset\.name='my_shop' is not a known dataset .* set dataset\.manual_dir"),
+    (dict(dataset__name="my_shop", dataset__format="csv", dataset__manual_dir="/d"),
+     r"dataset\.format='csv' is not a known file format; choose from \['amazon_p5', "
+     r"'movielens', 'unisrec'\]"),
+    (dict(dataset__format="unisrec"),
+     r"dataset\.name='demo' is the known dataset in format 'movielens', but "
+     r"dataset\.format='unisrec'"),
+    (dict(dataset__name="My Shop", dataset__format="amazon_p5", dataset__manual_dir="/d"),
+     r"dataset\.name='My Shop' is not a valid dataset name"),
 ])
 def test_contradiction_names_the_fields(overrides, message):
   with pytest.raises(ValueError, match=message):
     pipeline.validate(_cfg(**overrides))
+
+
+def test_free_dataset_name_with_format_and_files():
+  pipeline.validate(_cfg(dataset__name="my_shop", dataset__format="amazon_p5",
+                         dataset__manual_dir="/data/my_shop"))
+  pipeline.validate(_cfg(dataset__format="movielens"))  # the format the name implies
 
 
 def test_sft_init_needs_the_stage_it_starts_from(tmp_path):

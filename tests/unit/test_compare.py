@@ -267,7 +267,7 @@ def test_rows_are_config_variants():
   assert flat(beauty.get_config("")) == flat(beauty.get_config())
   with pytest.raises(ValueError, match="unknown config variant.*'gr_sdi'.*gr_sid"):
     beauty.get_config("tiny,gr_sdi")
-  with pytest.raises(ValueError, match="unknown row 'collab'"):
+  with pytest.raises(ValueError, match="'collab' is not a generative row"):
     compare.row_config(beauty.get_config(), "collab", base.apply_variant)
 
 
@@ -324,3 +324,83 @@ def test_launch_compare_rows_come_from_the_configs(tmp_path, monkeypatch):
   run_cli()  # no --out: the work directory's results/, not docs/results
   assert utils.read_json(str(tmp_path / "w" / "results" / "demo.json"))["rows"]["sigma"]
   assert (os.path.getmtime(committed) if os.path.exists(committed) else None) == before
+
+  # Without --out an existing table is never replaced (the rows do not even run) ...
+  seen.clear()
+  with pytest.raises(SystemExit, match=r"results/demo\.json already exists .* --overwrite"):
+    run_cli()
+  assert not seen
+  # ... unless --overwrite or an explicit --out says so.
+  run_cli("--overwrite")
+  assert seen["rows"] == ["sigma"]
+  run_cli(f"--out={tmp_path}/out")
+
+
+def test_write_refuses_to_overwrite(tmp_path):
+  """compare.write with overwrite=False leaves an existing table as it is."""
+  from configs import demo
+
+  cfg = demo.get_config()
+  (tmp_path / "demo.json").write_text("{}")
+  result = {"rows": {}, "paired_vs_sigma": {"rows": {}, "missing": []}}
+  with pytest.raises(FileExistsError, match="demo.json already exists"):
+    compare.write(cfg, result, str(tmp_path), overwrite=False)
+  assert (tmp_path / "demo.json").read_text() == "{}"
+
+
+def test_all_items_rows_rank_the_same_model_under_tigers_protocol(tmp_path, monkeypatch):
+  """sigma@all_items reuses sigma's trained stages, chooses its own τ on validation with history
+  items ranked (dataset.exclude_history off) and evaluates in a directory of its own; the row
+  names are checked before any work."""
+  from configs import base, demo
+  from sigma_jax import experiment
+
+  runs, sweeps = [], []
+
+  def fake_pipeline(cfg, rdir, strict=False):
+    runs.append((os.path.basename(rdir), cfg.stages, bool(cfg.dataset.exclude_history)))
+    os.makedirs(os.path.join(rdir, cfg.stages), exist_ok=True)  # the stage's directory
+    if cfg.stages == "eval":
+      utils.write_json(os.path.join(rdir, "eval", "metrics.json"), {"tasks": {}})
+
+  def fake_select(cfg, rdir, taus, tau_limit=0):
+    sweeps.append((os.path.basename(rdir), bool(cfg.dataset.exclude_history)))
+    return {"chosen_tau": float(taus[0]), "validation_mean_ndcg@10": {}}
+
+  monkeypatch.setattr(experiment.pipeline, "run", fake_pipeline)
+  monkeypatch.setattr(compare, "select_tau", fake_select)
+  cfg = demo.get_config()
+  assert cfg.dataset.exclude_history  # the demo's own protocol filters history items
+  w = str(tmp_path)
+  res = experiment.run_row(cfg, w, "sigma@all_items", ["0.01"], base.apply_variant)
+  # sigma's SFT trained under its own directory; τ and eval under TIGER's protocol in another.
+  assert runs == [("sigma", "sft", True), ("sigma@all_items", "eval", False)]
+  assert sweeps == [("sigma@all_items", False)]
+  assert res["tau"]["reuses_sft_of"] == "sigma"
+  link = os.path.join(compare.row_dir(w, "sigma@all_items"), "sft")
+  assert os.path.realpath(link) == os.path.realpath(os.path.join(compare.row_dir(w, "sigma"),
+                                                                 "sft"))
+  assert cfg.dataset.exclude_history  # the caller's config is untouched
+
+  assert compare.ordered_rows(["sigma@all_items", "collab", "sigma", "collab@all_items"]) == [
+      "collab", "collab@all_items", "sigma", "sigma@all_items"]
+  for bad in ("sigma@all", "sasrec", "sigma@all_items@all_items"):
+    with pytest.raises(ValueError, match="unknown row"):
+      compare.ordered_rows([bad])
+
+
+def test_all_items_rows_pair_with_sigma_at_all_items(tmp_path):
+  import numpy as np
+
+  for row, ranks in (("sigma", [0, 0, 0]), ("gr_id", [5, 5, 5]),
+                     ("sigma@all_items", [3, 3, 3]), ("gr_id@all_items", [3, 3, 3])):
+    d = tmp_path / "rows" / row / "eval"
+    os.makedirs(d)
+    np.savez(d / "ranks.npz", **{"justforyou/test": np.array(ranks)})
+  rows = {r: {} for r in ("collab", "sigma", "gr_id", "collab@all_items", "sigma@all_items",
+                          "gr_id@all_items")}
+  out = compare.paired(str(tmp_path), rows)
+  assert set(out["rows"]) == {"gr_id", "gr_id@all_items"} and not out["missing"]
+  assert out["rows"]["gr_id"]["justforyou"]["diff"] > 0  # against sigma
+  assert out["rows"]["gr_id@all_items"]["justforyou"]["diff"] == 0.0  # against sigma@all_items
+  assert "sigma@all_items" in compare.paired_markdown(out).splitlines()[0]
