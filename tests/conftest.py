@@ -23,7 +23,14 @@ def pytest_configure(config):
   # One persistent JAX compilation cache for every subprocess run of the session: the pipeline
   # runs (fixture, kill-and-resume, CLI, notebook) compile the same programs.
   import tempfile
-  os.environ.setdefault("SIGMA_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="sigma_jax_cache_"))
+  cache = os.environ.setdefault("SIGMA_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="sigma_jax_cache_"))
+  # The in-process tests too (both xdist workers inherit the directory): stages and tests build
+  # their jitted functions afresh per call, so the same program is compiled again by later
+  # tests, by the other worker and by the pipeline subprocesses; the persistent cache serves it.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", cache)
+  if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_compilation_cache_dir",
+                                     os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +48,7 @@ def data_root():
 ROOT = _ROOT
 # The demo pipeline, shrunk further so the suite stays fast; tests that need a trained work
 # directory share one run (session fixture below).
-FAST_DEMO = ("--config.collab.epochs=2", "--config.ground.steps=40", "--config.sft.epochs=1",
+FAST_DEMO = ("--config.collab.epochs=2", "--config.ground.steps=40", "--config.sft.steps=60",
              "--config.generation.eval_limit=40")
 
 

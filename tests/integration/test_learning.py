@@ -10,7 +10,8 @@ from sigma_jax.eval import evaluate, popular
 
 # The demo model does NOT beat `popular` yet (measured 2026-12-04, 2 shared CPU cores, validation
 # JustForYou, all 300 users):
-#   conftest's FAST_DEMO run (collab 2 epochs, ground 40 steps, 1 SFT epoch = 147 steps):
+#   conftest's FAST_DEMO run as it was then (collab 2 epochs, ground 40 steps, 1 SFT epoch =
+#   147 steps; it now runs 60 SFT steps):
 #     sigma NDCG@10 .0155, HR@10 .0267; popular NDCG@10 .0389, HR@10 .0700;
 #   the same shared stages plus a JustForYou-only SFT of 300 steps (warmup 20; 132 s):
 #     sigma NDCG@10 .0030;

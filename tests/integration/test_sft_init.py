@@ -35,7 +35,7 @@ def _flat(tree):
 @pytest.mark.slow
 def test_grounded_init_is_the_text_tower(demo_workdir):
   cfg = _cfg()
-  mesh = parallel.make_mesh(cfg.mesh)
+  mesh = parallel.make_mesh(cfg.mesh, devices=jax.devices()[:1])
   assets = sft.load_assets(cfg, demo_workdir)
   spm = assets.tok.spm_size
   _, fresh = sft.build_model(cfg, assets, mesh)
@@ -69,7 +69,7 @@ def test_ground_stage_without_tower_dir_falls_back_to_its_last_checkpoint(demo_w
   """A ground stage run before ground/tower existed: its training checkpoint's tower (in the
   demo run the best step is the last, so both are the same weights)."""
   cfg = _cfg()
-  mesh = parallel.make_mesh(cfg.mesh)
+  mesh = parallel.make_mesh(cfg.mesh, devices=jax.devices()[:1])
   src = wd.stage_dir(demo_workdir, "ground")
   assert os.path.isdir(wd.path(demo_workdir, wd.GROUND_TOWER))
   shutil.copytree(src, tmp_path / "ground", ignore=shutil.ignore_patterns("tower"))
@@ -84,7 +84,7 @@ def test_ground_stage_without_tower_dir_falls_back_to_its_last_checkpoint(demo_w
 
 @pytest.mark.slow
 def test_auto_and_scratch_without_pretrain_are_the_fresh_model(demo_workdir):
-  mesh = parallel.make_mesh(_cfg().mesh)
+  mesh = parallel.make_mesh(_cfg().mesh, devices=jax.devices()[:1])
   for init in ("auto", "scratch"):
     cfg = _cfg(init)
     assets = sft.load_assets(cfg, demo_workdir)
@@ -105,7 +105,7 @@ def test_grounded_shape_mismatch_is_named(demo_workdir):
   # Past the check (the library called directly), the copy names the parameter and both shapes.
   cfg = _cfg()
   cfg.model.mlp_dim = 2 * cfg.model.mlp_dim
-  mesh = parallel.make_mesh(cfg.mesh)
+  mesh = parallel.make_mesh(cfg.mesh, devices=jax.devices()[:1])
   assets = sft.load_assets(cfg, demo_workdir)
   with pytest.raises(ValueError, match=r"text tower .* parameter \['layers'\]\[0\]\['mlp'\]"
                                        r"\['gate'\]\.value has shape \(32, 64\); this model's "
