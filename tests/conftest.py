@@ -2,9 +2,15 @@
 import os
 import sys
 
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# XLA's backend optimisation off: the tests are dominated by compiling many small programs, and
+# level 0 halves the in-process tests' CPU time. Every process of the suite (in-process tests and
+# the subprocesses they start, `SUBPROCESS_XLA_FLAGS`) compiles with the same flag, so results
+# compared across processes (kill-and-resume: bitwise) come from the same kind of program.
+_OPT = "--xla_backend_optimization_level=0"
+SUBPROCESS_XLA_FLAGS = _OPT  # one CPU device
+for _flag in ("--xla_force_host_platform_device_count=8", _OPT):
+  if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 assert "jax" not in sys.modules or os.environ["XLA_FLAGS"], "JAX imported before conftest"
 
@@ -56,7 +62,7 @@ def run_train(workdir, *overrides, config="configs/demo.py", timeout=600, check=
   """`python -m launch.train` in a subprocess on one CPU device, as a user would run it."""
   import subprocess
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = SUBPROCESS_XLA_FLAGS
   env["JAX_PLATFORMS"] = "cpu"
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["SIGMA_TEST_JAX_CACHE"])
   out = subprocess.run(

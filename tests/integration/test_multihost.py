@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SUBPROCESS_XLA_FLAGS
 
 pytestmark = pytest.mark.slow
 DEVICES = 4  # global devices: 1 process x 4, or 2 processes x 2
@@ -25,7 +25,8 @@ def _free_port() -> int:
 def _env(local_devices: int) -> dict:
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={local_devices} "
+                      f"{SUBPROCESS_XLA_FLAGS}")
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["SIGMA_TEST_JAX_CACHE"])
   env["PYTHONUNBUFFERED"] = "1"
   return env

@@ -5,7 +5,7 @@ import nbclient
 import nbformat
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SUBPROCESS_XLA_FLAGS
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,7 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "sigma_colab.ipynb")
 def test_notebook_runs(demo_workdir, monkeypatch, tmp_path_factory):
   # The kernel is a child process: it inherits this environment, on one CPU device.
   monkeypatch.setenv("SIGMA_NOTEBOOK_WORKDIR", demo_workdir)
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("XLA_FLAGS", SUBPROCESS_XLA_FLAGS)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   # Shared with the recommend and plots tests: compiled programs are reused.
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR",

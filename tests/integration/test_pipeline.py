@@ -9,12 +9,12 @@ import pytest
 from configs import base
 from sigma_jax import pipeline, workdir as wd
 
-from conftest import ROOT
+from conftest import ROOT, SUBPROCESS_XLA_FLAGS
 
 
 def _train(workdir, *overrides, config="configs/demo.py"):
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = SUBPROCESS_XLA_FLAGS
   return subprocess.run(
       [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}",
        *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

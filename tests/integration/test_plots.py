@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SUBPROCESS_XLA_FLAGS
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def _check_png(path):
 
 def test_plots(demo_workdir, tmp_path_factory):
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = SUBPROCESS_XLA_FLAGS
   env["JAX_PLATFORMS"] = "cpu"
   # Shared with the recommend and notebook tests: compiled programs are reused.
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "jax_cache")

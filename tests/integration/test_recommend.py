@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SUBPROCESS_XLA_FLAGS
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def cli_env(tmp_path_factory):
   """The CLI's environment: one CPU device, and a JAX compilation cache shared by the calls
   (each restores the model and compiles the decoder; later calls reuse the programs)."""
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = SUBPROCESS_XLA_FLAGS
   env["JAX_PLATFORMS"] = "cpu"
   env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "jax_cache")
   return env

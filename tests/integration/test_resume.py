@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from conftest import FAST_DEMO, ROOT
+from conftest import FAST_DEMO, ROOT, SUBPROCESS_XLA_FLAGS
 
 # Checkpoint often enough that a kill lands after a mid-stage checkpoint. How often a stage saves
 # does not change what it computes, so the result must still equal the reference run's.
@@ -34,7 +34,7 @@ SEED = 20260213
 
 def _start(workdir):
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = SUBPROCESS_XLA_FLAGS
   env["JAX_PLATFORMS"] = "cpu"
   # The session's compilation cache: restarts reuse the programs instead of recompiling. Kills
   # land during training steps, after compilation; a torn cache entry would only be a warning
