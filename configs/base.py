@@ -173,6 +173,9 @@ def base_config() -> ml_collections.ConfigDict:
   # history computed once for all its positions; needs sft.pack).
   c.sft.layout = "sequence"
   c.sft.extra_features = ""  # comma-separated .npy [N, d] matrices for ProjFuse
+  # The item text embedding ProjFuse reads beside v_ID: "grounded" (the ground stage's) or "raw"
+  # (its un-grounded TF-IDF + PCA embedding: the no-grounding ablation).
+  c.sft.text_features = "grounded"
   # Where the SFT backbone starts: "auto" (the behaviour before this option: the pretrain
   # stage's decoder when pretrain.use finds one, otherwise fresh), "pretrain" (the pretrain
   # stage's decoder; an error when that stage has not run), "scratch" (fresh, even after
@@ -253,7 +256,9 @@ ROW_VARIANTS = {
     "gr_sid": {"generation.mode": "gr_sid", "sft.max_len": 192},
     "gr_id": {"generation.mode": "gr_id"},
     # SIDs from un-grounded TF-IDF text embeddings.
-    "sigma_no_grounding": {"tokenizer.source": "raw"},
+    # No grounding anywhere: SIDs and ProjFuse read the raw text embedding, SFT starts fresh.
+    "sigma_no_grounding": {"tokenizer.source": "raw", "sft.text_features": "raw",
+                           "sft.init": "scratch"},
     # sigma's model ranked without APF (launch.compare reuses sigma's SFT for it).
     "sigma_no_apf": {"generation.fuse": False},
     # sigma's model, APF with a constant σ instead of the adaptive one (sigma's SFT reused);

@@ -13,7 +13,7 @@ import os
 
 from sigma_jax import parallel, utils, workdir as wd
 from sigma_jax.data import raw
-from sigma_jax.models import sigma as sigma_model
+from sigma_jax.models import projfuse, sigma as sigma_model
 from sigma_jax.train import ground, pretrain, sft, tokenize
 
 TOKENIZER_KINDS = ("rqkmeans", "rqvae")  # what sigma_jax.models.rq.tokenize_items accepts
@@ -100,6 +100,9 @@ def validate(cfg, stages, workdir: str | None = None, devices=None) -> None:
     raise ValueError(f"tokenizer.source must be one of {sorted(tokenize.SOURCES)}, got "
                      f"{source!r}")
   tokenize.check_config(cfg.tokenizer, _num_items(workdir))
+  if str(cfg.sft.text_features) not in projfuse.TEXT_FEATURES:
+    raise ValueError(f"sft.text_features must be one of {sorted(projfuse.TEXT_FEATURES)}, got "
+                     f"{cfg.sft.text_features!r}")
   neg = str(cfg.sft.id_negatives)
   if neg not in sigma_model.ID_NEGATIVES:
     raise ValueError(f"sft.id_negatives must be one of {sigma_model.ID_NEGATIVES}, got {neg!r}")

@@ -55,10 +55,16 @@ class ProjFuse(nnx.Module):
     return v * self.inject_scale[...]
 
 
-def item_features(workdir: str, extra: str = "") -> np.ndarray:
-  """[N, F] frozen features: unit `v_ID` (collab), unit grounded text embedding, and any extra
+TEXT_FEATURES = {"grounded": wd.GROUND_TEXT_EMB, "raw": wd.GROUND_RAW_EMB}
+
+
+def item_features(workdir: str, extra: str = "", text: str = "grounded") -> np.ndarray:
+  """[N, F] frozen features: unit `v_ID` (collab), the unit item text embedding (``text``:
+  "grounded", the ground stage's, or "raw", its un-grounded TF-IDF + PCA one) and any extra
   modality matrices named in ``extra`` (comma-separated .npy paths, each [N, d])."""
-  paths = [wd.path(workdir, wd.COLLAB_ITEM_EMB), wd.path(workdir, wd.GROUND_TEXT_EMB)]
+  if text not in TEXT_FEATURES:
+    raise ValueError(f"sft.text_features must be one of {sorted(TEXT_FEATURES)}, got {text!r}")
+  paths = [wd.path(workdir, wd.COLLAB_ITEM_EMB), wd.path(workdir, TEXT_FEATURES[text])]
   paths += [p.strip() for p in extra.split(",") if p.strip()]
   mats = []
   for p in paths:

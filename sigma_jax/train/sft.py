@@ -85,7 +85,7 @@ def load_assets(cfg, workdir: str) -> Assets:
     prefix_ids, table, sizes = (np.zeros(n, np.int32), np.arange(n, dtype=np.int32)[None],
                                 np.array([n], np.int32))
   spec = prompts.PromptSpec(tok=tok, item_tokens=item_tokens, max_len=int(cfg.sft.max_len))
-  feats = projfuse.item_features(workdir, cfg.sft.extra_features)
+  feats = projfuse.item_features(workdir, cfg.sft.extra_features, str(cfg.sft.text_features))
   return Assets(tok, spec, feats, sids, prefix_ids, table, sizes,
                 tok.encode(prompts.HISTORY_VERB), mode)
 

@@ -243,7 +243,8 @@ def test_rows_are_config_variants():
   want = {"sigma": {},
           "gr_sid": {"generation.mode": "gr_sid", "sft.max_len": 192},
           "gr_id": {"generation.mode": "gr_id"},
-          "sigma_no_grounding": {"tokenizer.source": "raw"},
+          "sigma_no_grounding": {"tokenizer.source": "raw", "sft.text_features": "raw",
+                                 "sft.init": "scratch"},
           "sigma_no_apf": {"generation.fuse": False},
           "sigma_fixed_fusion": {"generation.apf_fixed_sigma": 1.0}}
   assert base.ROW_VARIANTS == want

@@ -51,3 +51,12 @@ def test_item_features(tmp_path):
     projfuse.item_features(str(tmp_path), extra=str(tmp_path / "bad.npy"))
   with pytest.raises(FileNotFoundError, match="missing"):
     projfuse.item_features(str(tmp_path), extra=str(tmp_path / "nope.npy"))
+  # The no-grounding ablation: the raw text embedding instead of the grounded one.
+  np.save(tmp_path / "ground" / "raw_text_emb.npy", np.arange(8.0).reshape(4, 2) + 1)
+  raw = projfuse.item_features(str(tmp_path), text="raw")
+  grounded = projfuse.item_features(str(tmp_path))
+  np.testing.assert_array_equal(raw[:, :3], grounded[:, :3])  # v_ID unchanged
+  r = np.arange(8.0).reshape(4, 2) + 1
+  np.testing.assert_allclose(raw[:, 3:], r / np.linalg.norm(r, axis=1, keepdims=True), atol=1e-6)
+  with pytest.raises(ValueError, match="sft.text_features"):
+    projfuse.item_features(str(tmp_path), text="ground")
