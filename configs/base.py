@@ -252,8 +252,9 @@ def make_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 # here once: each row is the dataset's config with these fields changed, and nothing else.
 ROW_VARIANTS = {
     "sigma": {},  # the dataset's config as it is
-    # Full SIDs in the history: each item takes L + 2 tokens instead of the prefix's P + 2.
-    "gr_sid": {"generation.mode": "gr_sid", "sft.max_len": 192},
+    # TIGER-style: history and target as full SIDs alone (L tokens an item instead of the
+    # prefix's P + 2), no <q> and no L_ID (μ = 0); the decoder excludes history items itself.
+    "gr_sid": {"generation.mode": "gr_sid", "sft.max_len": 192, "sft.mu": 0.0},
     "gr_id": {"generation.mode": "gr_id"},
     # SIDs from un-grounded TF-IDF text embeddings.
     # No grounding anywhere: SIDs and ProjFuse read the raw text embedding, SFT starts fresh.

@@ -5,10 +5,16 @@ One example is laid out as
   <|start|> {profile} {history verb} a(h_1) <q> <item> a(h_2) <q> <item> … {instruction}
   <|end|> <|start|> a(target) <q>
 
-where ``a(i)`` is item i's SID prefix (ℓ tokens; the full SID in `gr_sid` mode, nothing in
-`gr_id` mode), ``<item>`` is the placeholder whose input embedding is replaced by the item's
-ProjFuse vector, and the hidden state at a ``<q>`` is the query that retrieves the item right
-after it. History items carry their own ``<q>``: with ``every_position`` (JustForYou training)
+where ``a(i)`` is item i's SID prefix (ℓ tokens; nothing in `gr_id` mode), ``<item>`` is the
+placeholder whose input embedding is replaced by the item's ProjFuse vector, and the hidden
+state at a ``<q>`` is the query that retrieves the item right after it.
+
+`gr_sid` mode (``PromptSpec.sid_only``, TIGER-style) writes every item, history and target, as
+its full SID (all levels plus the de-duplication level) and nothing else:
+
+  <|start|> {profile} {history verb} a(h_1) a(h_2) … {instruction} <|end|> <|start|> a(target)
+
+no ``<q>`` (so no retrieval target) and no ``<item>`` (no injected item embedding). History items carry their own ``<q>``: with ``every_position`` (JustForYou training)
 each history item after the first is a target too — next-token loss on its prefix and retrieval
 loss at its ``<q>`` — so one pass trains every position of the history. It is not the same as
 one example per position: those history targets are predicted inside the history, before the
@@ -43,10 +49,12 @@ class PromptSpec:
   Attributes:
     item_tokens: [N, ℓ'] token ids written for each item (its SID prefix; ℓ' may be 0).
     max_len: T.
+    sid_only: items are their SID tokens alone, without `<q>` and `<item>` (`gr_sid`).
   """
   tok: text.TextTokenizer
   item_tokens: np.ndarray
   max_len: int
+  sid_only: bool = False
 
   @property
   def prefix_len(self) -> int:
@@ -84,11 +92,13 @@ class _Writer:
     self.a["ntp_weights"][self.n - 1] = 1.0
 
   def item(self, spec: PromptSpec, item: int, is_target: bool, special: dict):
+    """Item ``item``'s tokens: a(item) <q>, or a(item) alone when ``spec.sid_only``."""
     for tk in spec.item_tokens[item]:
       if is_target:
         self.predict_next(int(tk))
       self.put(int(tk))
-    self.put(special[text.QUERY], q_item=item if is_target else -1)
+    if not spec.sid_only:
+      self.put(special[text.QUERY], q_item=item if is_target else -1)
 
 
 def build_prompt(spec: PromptSpec, history: np.ndarray, instruction_ids: list[int],
@@ -118,7 +128,8 @@ def build_prompt(spec: PromptSpec, history: np.ndarray, instruction_ids: list[in
       w.put(tk)
     for j, h in enumerate(hist):
       w.item(spec, h, is_target=every_position and j > 0, special=sp)
-      w.put(sp[text.ITEM], inject=h)
+      if not spec.sid_only:
+        w.put(sp[text.ITEM], inject=h)
     for tk in instruction_ids:
       w.put(tk)
     w.put(sp[text.END])

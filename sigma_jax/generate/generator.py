@@ -4,8 +4,9 @@
 scores; (2) `<q>` fed after each prefix on the KV cache, its hidden state scored by cosine
 against the items of that prefix's bucket, top M; (3) APF, then a global top-N (or the un-fused
 ranking for the ablation). `gr_sid`: beam search over the full SID (with the de-duplication
-level), each code sequence mapped back to its one item. `gr_id`: `<q>` right after the prompt,
-exact top-N over all items.
+level) on per-example tries of the allowed items (history excluded inside the decoder), each
+code sequence mapped back to its one item. `gr_id`: `<q>` right after the prompt, exact top-N
+over all items.
 
 Prompts end with `<|end|> <|start|>` (`data.prompts.build_prompt(..., target=None)`): the prompt
 minus that last `<|start|>` is prefilled into the cache once; the beam search feeds `<|start|>`
@@ -64,8 +65,9 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
     tables: `TrieTables` (batched [B, ...] for per-example constraints), unused in gr_id.
     bucket_table: [P, Bmax] items per prefix id (-1 padded).
     allowed: [B, N] bool items each example may return: the instruction's constraint, minus the
-      history items when they are excluded (all True otherwise). In `gr_sid` the trie holds the
-      constraint; beams that decode another disallowed item are dropped.
+      history items when they are excluded (all True otherwise). In `gr_sid` the tries hold all
+      of it (`Generator.recommend`), so every beam ends on an allowed item; a beam that decodes
+      a disallowed one anyway (tables built from less) is dropped.
     tau: APF temperature τ (a traced scalar: sweeping it does not recompile).
     fixed_sigma: > 0: APF's σ for every query instead of the adaptive one (traced, like τ).
     spec: `DecodeSpec`.
@@ -110,8 +112,8 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
                          token_offset=spec.token_offset, level_logits=True)
   k = spec.num_beams
   if spec.mode == "gr_sid":
-    # Every full SID names one item: its bucket holds exactly that item. A beam whose item is
-    # not allowed (an excluded history item) drops out; the others move up.
+    # Every full SID names one item: its bucket holds exactly that item. The tries already
+    # exclude disallowed items; should a beam still end on one, it drops out (a safety net).
     items = jnp.where(res.valid, bucket_table[jnp.maximum(res.prefix_ids, 0), 0], -1)
     ok = res.valid & (items >= 0)
     ok = ok & jnp.take_along_axis(allowed, jnp.maximum(items, 0), axis=1)
@@ -213,14 +215,23 @@ class Generator:
     constraint = np.ones((b, n), bool) if allowed is None else np.asarray(allowed, bool)
     if not constraint.any(axis=1).all():
       raise ValueError("an example allows no item at all: its constraint matches nothing")
-    # The tries hold the instruction's constraint only; history exclusion acts on the items.
-    tables = self.tables_for(None if allowed is None else constraint)
     mask = constraint
     if self.exclude_history:
       mask = constraint.copy()
       for r, h in enumerate(histories):
         h = np.asarray(h, np.int64)
         mask[r, h[(h >= 0) & (h < n)]] = False
+    if self.mode == "gr_sid":
+      # A full SID is one item: the tries hold everything `mask` allows (constraint and history
+      # exclusion), so the search never spends a beam on an excluded item and lists come back
+      # full whenever top_n allowed items exist.
+      if not mask.any(axis=1).all():
+        raise ValueError("an example allows no item at all once its history is excluded")
+      tables = self.tables_for(mask)
+    else:
+      # The tries hold the instruction's constraint only (a prefix bucket holds many items);
+      # history exclusion acts on the items of the buckets.
+      tables = self.tables_for(None if allowed is None else constraint)
     tau = float(self.cfg.generation.apf_tau if tau is None else tau)
     if tables is not self.full_tables:
       tables = self._put(tables)

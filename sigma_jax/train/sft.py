@@ -63,29 +63,47 @@ class Assets:
 
 
 def load_assets(cfg, workdir: str) -> Assets:
-  mode = cfg.generation.mode
-  if mode not in MODES:
-    raise ValueError(f"generation.mode must be one of {MODES}, got {mode!r}")
+  """The Assets of ``workdir``'s tokenize stage (SIDs, buckets) and text tokenizer."""
   tz = tokenize.load(workdir)
   sids = tz["sids"]
   levels = int(cfg.tokenizer.levels)
   dedup = int(sids[:, levels:].max()) + 1 if sids.shape[1] > levels else 0
   tok = text.TextTokenizer(text.model_path(workdir), levels=levels,
                            codebook_size=int(cfg.tokenizer.codebook_size), dedup_size=dedup)
+  feats = projfuse.item_features(workdir, cfg.sft.extra_features, str(cfg.sft.text_features))
+  return make_assets(cfg, tok, sids, feats,
+                     (tz["prefix_ids"], tz["bucket_table"], tz["bucket_sizes"]))
+
+
+def make_assets(cfg, tok, sids: np.ndarray, feats: np.ndarray, buckets: tuple) -> Assets:
+  """Assets for ``cfg.generation.mode`` from a tokenizer and a catalogue (``load_assets``'s
+  second half; tests build synthetic ones with it).
+
+  Args:
+    cfg: the config (``generation.mode``, ``tokenizer.prefix_len``, ``sft.max_len``).
+    tok: a ``text.TextTokenizer`` (or ``generate.testing.SyntheticTokenizer``).
+    sids: [N, L(+1)] every item's SID (with the de-duplication level when there is one).
+    feats: [N, F] ProjFuse inputs.
+    buckets: (prefix_ids [N], bucket_table [P, Bmax], bucket_sizes [P]) of the
+      ``tokenizer.prefix_len`` prefixes (``rq.prefix_buckets``).
+  """
+  mode = cfg.generation.mode
+  if mode not in MODES:
+    raise ValueError(f"generation.mode must be one of {MODES}, got {mode!r}")
+  prefix_ids, table, sizes = buckets
   if mode == "sigma":
     item_tokens = prompts.item_token_table(tok, sids, int(cfg.tokenizer.prefix_len))
-    prefix_ids, table, sizes = tz["prefix_ids"], tz["bucket_table"], tz["bucket_sizes"]
   elif mode == "gr_sid":
     item_tokens = np.stack([tok.sid_token(lv, sids[:, lv]) for lv in range(sids.shape[1])],
                            axis=1).astype(np.int32)
-    prefix_ids, table, sizes = tz["prefix_ids"], tz["bucket_table"], tz["bucket_sizes"]
   else:  # gr_id: no prefix; one bucket holds every item
     n = len(sids)
     item_tokens = np.zeros((n, 0), np.int32)
     prefix_ids, table, sizes = (np.zeros(n, np.int32), np.arange(n, dtype=np.int32)[None],
                                 np.array([n], np.int32))
-  spec = prompts.PromptSpec(tok=tok, item_tokens=item_tokens, max_len=int(cfg.sft.max_len))
-  feats = projfuse.item_features(workdir, cfg.sft.extra_features, str(cfg.sft.text_features))
+  # gr_sid (TIGER-style): items are their full SIDs alone, no <q> and no injected embedding.
+  spec = prompts.PromptSpec(tok=tok, item_tokens=item_tokens, max_len=int(cfg.sft.max_len),
+                            sid_only=mode == "gr_sid")
   return Assets(tok, spec, feats, sids, prefix_ids, table, sizes,
                 tok.encode(prompts.HISTORY_VERB), mode)
 

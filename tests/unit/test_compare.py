@@ -241,7 +241,7 @@ def test_rows_are_config_variants():
     return out
 
   want = {"sigma": {},
-          "gr_sid": {"generation.mode": "gr_sid", "sft.max_len": 192},
+          "gr_sid": {"generation.mode": "gr_sid", "sft.max_len": 192, "sft.mu": 0.0},
           "gr_id": {"generation.mode": "gr_id"},
           "sigma_no_grounding": {"tokenizer.source": "raw", "sft.text_features": "raw",
                                  "sft.init": "scratch"},
@@ -259,7 +259,7 @@ def test_rows_are_config_variants():
       viaconf = flat(compare.row_config(module.get_config(), row, base.apply_variant))
       assert viaconf == got, (module.__name__, row)
   c = beauty.get_config("gr_sid")
-  assert c.generation.mode == "gr_sid" and c.sft.max_len == 192
+  assert c.generation.mode == "gr_sid" and c.sft.max_len == 192 and c.sft.mu == 0.0
   # Variants combine, comma-separated, in order.
   c = beauty.get_config("tiny,gr_sid")
   assert c.model.size == "tiny" and c.generation.mode == "gr_sid"
