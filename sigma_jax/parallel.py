@@ -152,10 +152,27 @@ def state_specs(state: Any, rules: Rules) -> Any:
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """``spec`` with each dimension that its mesh axes do not divide evenly replicated instead.
+
+  E.g. a vocabulary of 1,055 rows cannot be split over model = 2: the embedding keeps its
+  other dimension's sharding and is replicated along the vocabulary. Parameter shapes never
+  depend on the mesh, so 1 and 8 devices still train the same model.
+  """
+  entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+  out = []
+  for dim, axes in zip(shape, entries):
+    names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+    parts = math.prod(mesh.shape[a] for a in names)
+    out.append(axes if dim % parts == 0 else None)
+  return P(*out)
+
+
 def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
-  """NamedShardings for an NNX state (see `state_specs`); usable as jit in/out_shardings."""
-  return jax.tree.map(lambda p: NamedSharding(mesh, p), state_specs(state, rules),
-                      is_leaf=lambda x: isinstance(x, P))
+  """NamedShardings for an NNX state (see `state_specs`, `fit_spec`); usable as jit
+  in/out_shardings."""
+  return jax.tree.map(lambda p, x: NamedSharding(mesh, fit_spec(p, x.shape, mesh)),
+                      state_specs(state, rules), state, is_leaf=lambda x: isinstance(x, P))
 
 
 def init_sharded(model_factory: Callable[[], nnx.Module], mesh: Mesh,

@@ -78,7 +78,9 @@ def test_packed_loss_and_gradients_equal_unpacked(batches):
     np.testing.assert_allclose(float(m_b[k]), float(m_a[k]), rtol=2e-5, err_msg=k)
   np.testing.assert_allclose(float(loss_b), float(loss_a), rtol=2e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_a), jax.tree.leaves(g_b)):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6,
+    # atol 1e-5 (as the device tests): the packed rows sum an embedding row's gradient from its
+    # tokens in another order, so a float32 sum of many terms may differ by ~2e-6.
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5,
                                err_msg=jax.tree_util.keystr(path))
 
   # The equality depends on the segment mask: the same rows read as one sequence per row (the

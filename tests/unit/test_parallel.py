@@ -167,3 +167,12 @@ def test_kv_cache_shardings():
   assert cache.k[0].sharding.spec == P(("data", "fsdp"), None, "model", None)  # [B, S, KV, Dh]
   assert cache.valid.sharding.spec == P(("data", "fsdp"), None)
   assert cache.index.sharding.spec == P(("data", "fsdp"))
+
+
+def test_fit_spec_replicates_dimensions_the_mesh_does_not_divide():
+  mesh = parallel.make_mesh(dict(data=2, fsdp=2, model=2), devices=jax.devices()[:8])
+  # An odd vocabulary (1,055 rows) cannot be split over model = 2; d = 32 over fsdp = 2 can.
+  assert parallel.fit_spec(P("model", "fsdp"), (1055, 32), mesh) == P(None, "fsdp")
+  assert parallel.fit_spec(P("model", "fsdp"), (1056, 32), mesh) == P("model", "fsdp")
+  assert parallel.fit_spec(P(("data", "fsdp"), None), (6, 3), mesh) == P(None, None)
+  assert parallel.fit_spec(P(("data", "fsdp")), (8, 3), mesh) == P(("data", "fsdp"), None)
