@@ -25,7 +25,8 @@ import pytest  # noqa: E402
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: runs real data or a subprocess (still runs in CI)")
+  config.addinivalue_line("markers", "slow: takes more than about 10 s on 2 cores, counting a "
+                          "fixture it builds (still runs in CI; `-m 'not slow'` leaves it out)")
   # One persistent JAX compilation cache for every subprocess run of the session: the pipeline
   # runs (fixture, kill-and-resume, CLI, notebook) compile the same programs.
   import tempfile

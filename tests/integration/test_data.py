@@ -26,6 +26,7 @@ def built(data_root, tmp_path_factory):
   return directory, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_statistics_exact(built, name):
   data = built[1][name]

@@ -50,6 +50,7 @@ def setup(demo_workdir):
   return cfg, ds, demo_workdir
 
 
+@pytest.mark.slow
 def test_collab_step(setup):
   cfg, ds, _ = setup
   c = cfg.collab
@@ -79,6 +80,7 @@ def test_collab_step(setup):
                 noise_atol=float(c.learning_rate))
 
 
+@pytest.mark.slow
 def test_ground_step(setup):
   cfg, ds, workdir = setup
   g = cfg.ground
@@ -119,6 +121,7 @@ def sft_assets(setup):
   return sft.load_assets(cfg, workdir)
 
 
+@pytest.mark.slow
 def test_sft_step(setup, sft_assets):
   cfg, ds, _ = setup
   assets = sft_assets
@@ -169,6 +172,7 @@ def test_generate(setup, sft_assets):
   assert (out[1].items >= 0).any()
 
 
+@pytest.mark.slow
 def test_catalogue_negatives_is_a_full_softmax(setup, sft_assets):
   """sft.id_negatives='catalogue': L_ID is the cross-entropy of each <q> state against all N item
   keys (checked against NumPy on the model's own q states and keys)."""

@@ -87,6 +87,7 @@ def test_collab_nan_keeps_last_good_checkpoint(monkeypatch, tmp_path):
   assert not os.path.exists(tmp_path / "collab" / "item_emb.npy")
 
 
+@pytest.mark.slow
 def test_ground_nan_keeps_last_good_checkpoint(monkeypatch, workdir):
   # Updates 0..19 are good: steps 10 and 20 are saved; update 20 (step 21) makes the
   # parameters NaN, so step 22's loss is the first non-finite metric.
@@ -103,6 +104,7 @@ def test_ground_nan_keeps_last_good_checkpoint(monkeypatch, workdir):
     assert f.read() == before  # the artifact was not rewritten
 
 
+@pytest.mark.slow
 def test_sft_nan_keeps_last_good_checkpoint(monkeypatch, workdir):
   _patch_backbone_optimizer(monkeypatch, 10)
   cfg = _cfg(sft=dict(steps=20, ckpt_every=5, log_every=25))

@@ -70,6 +70,7 @@ def test_histories_are_shared(batches):
     np.testing.assert_array_equal(shared[k], plain[k])
 
 
+@pytest.mark.slow
 def test_hidden_states_loss_and_gradients_equal_per_position(batches):
   cfg, assets, _, _, plain, shared = batches
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, model=1), devices=jax.devices()[:1])

@@ -57,6 +57,7 @@ def test_pack_keeps_every_example(batches):
     np.testing.assert_array_equal(packed[k], plain[k])
 
 
+@pytest.mark.slow
 def test_packed_loss_and_gradients_equal_unpacked(batches):
   cfg, assets, plain, packed = batches
   if cfg.sft.layout == "per_position":  # short examples: packing saves rows

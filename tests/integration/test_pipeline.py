@@ -20,6 +20,7 @@ def _train(workdir, *overrides, config="configs/demo.py"):
        *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_data_stage_from_the_command_line_then_skipped(tmp_path):
   workdir = str(tmp_path / "w")
   out = _train(workdir, "--config.stages=data", "--config.dataset.max_history=10")

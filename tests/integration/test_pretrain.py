@@ -34,6 +34,7 @@ def pretrained_workdir(demo_workdir, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_pretrain_lowers_heldout_loss(pretrained_workdir):
   with open(os.path.join(pretrained_workdir, "pretrain", "report.json")) as f:
     report = json.load(f)

@@ -1,5 +1,6 @@
 """sft.similarity='dot': L_ID and retrieval score by unnormalised dot products, end to end."""
 import numpy as np
+import pytest
 
 from configs import demo
 from sigma_jax import parallel
@@ -8,6 +9,7 @@ from sigma_jax.generate import generator as gen_lib
 from sigma_jax.train import sft
 
 
+@pytest.mark.slow
 def test_dot_model_trains_and_generates(demo_workdir):
   cfg = demo.get_config()
   cfg.sft.similarity = "dot"

@@ -296,6 +296,7 @@ def test_host_reference_matches_jitted_search():
 # The real backbone
 
 
+@pytest.mark.slow
 def test_decoder_integration_prefill_search_and_q_pass():
   cfg = base.backbone("tiny")
   cfg.vocab_size = 64

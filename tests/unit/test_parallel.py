@@ -147,6 +147,7 @@ def _train(mesh, steps=3):
   return losses, flat, specs
 
 
+@pytest.mark.slow
 def test_sharded_training_matches_one_device():
   losses8, params8, specs8 = _train(parallel.make_mesh(MESH_222))
   losses1, params1, _ = _train(parallel.make_mesh(dict(data=1, fsdp=1, model=1),
