@@ -12,7 +12,10 @@ validation; one SFT epoch per row, about 540-640 steps):
   sigma .1341 (validation .1453)   gr_sid .1293 (.1386)   gr_id .1341 (.1375)
   sigma_no_grounding .1224 (.1275)   sigma_no_apf .1325 (.1435)
   collab (SASRec) JustForYou test HR@10 .0439, NDCG@10 .0203
-docs/RESULTS.md has the per-task tables, paired bootstrap intervals and wall times.
+docs/RESULTS.md has the per-task tables, paired bootstrap intervals and wall times. These
+numbers are of the earlier Query task (terms matching >= 2 items) and of the earlier gr_sid and
+sigma_no_grounding definitions (docs/RESULTS.md "Ablations"); this config no longer reproduces
+them as written.
 """
 from configs import base
 

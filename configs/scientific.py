@@ -26,6 +26,9 @@ trained with the previous recipe (one sequence per user, a loss at every positio
   gr_sid              .0733  .0544  .1009  .0632  (.0693)
   gr_id               .0789  .0623  .1015  .0696  (.0729)
   sigma_no_grounding  .0493  .0357  .0752  .0440  (.0496)   previous recipe
+
+gr_sid and sigma_no_grounding above are of their earlier definitions (2026-12-04 made them
+symmetric: docs/RESULTS.md "Ablations"); their variants here no longer reproduce those rows.
 """
 from configs import base, beauty
 
