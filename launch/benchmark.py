@@ -147,6 +147,31 @@ def _median_s(fn: Callable[[], Any], reps: int) -> float:
   return statistics.median(times)
 
 
+def _time_sft_steps_alternately(runs: dict, batches: dict) -> dict:
+  """{name: (median ms per step, the first step's loss)} of each SFT ``Setup``'s jitted step over
+  its sharded ``batches[name]``: an untimed pass compiles every shape (packed row counts vary),
+  then, from fresh states, the setups' steps are timed alternately batch by batch, so a noisy
+  machine slows them alike."""
+  import jax
+  import numpy as np
+  fresh = {k: jax.tree.map(np.asarray, r.state) for k, r in runs.items()}  # before donation
+  first = {}
+  for k, r in runs.items():
+    state = r.state
+    for b in batches[k]:
+      state, m = r.train_step(state, b, r.feats)
+      first.setdefault(k, float(m["loss"]))
+  states = {k: jax.device_put(fresh[k], r.state_sh) for k, r in runs.items()}
+  times = {k: [] for k in runs}
+  for i in range(min(len(b) for b in batches.values())):
+    for k, r in runs.items():
+      t0 = time.perf_counter()
+      states[k], m = r.train_step(states[k], batches[k][i], r.feats)
+      jax.block_until_ready(m)
+      times[k].append(time.perf_counter() - t0)
+  return {k: (1e3 * statistics.median(times[k]), first[k]) for k in runs}
+
+
 def machine_info() -> dict:
   """The devices, CPU count and library versions a result was measured with."""
   import flax
@@ -342,7 +367,6 @@ def _sft_step(argv: Sequence[str]) -> dict:
   computation, so ~1e-6 or less).
   """
   del argv
-  import jax
   import numpy as np
   from sigma_jax import parallel
   from sigma_jax.data import loader
@@ -356,43 +380,23 @@ def _sft_step(argv: Sequence[str]) -> dict:
   rules = cfg.axis_rules
   bs = int(cfg.sft.batch_size)
 
-  layouts = {}
+  layouts, runs, batches = {}, {}, {}
   for pack in (False, True):
     cfg.sft.pack = pack
     # The sft stage's own setup: its examples, batches, negatives and jitted step.
-    run = sft.setup(cfg, workdir, mesh, ds=ds, total_steps=1000)
+    run = runs[pack] = sft.setup(cfg, workdir, mesh, ds=ds, total_steps=1000)
     steps = range(min(_TIMED_STEPS.value, len(run.order)))
     t0 = time.perf_counter()
     host = [run.host_batch(i) for i in steps]
     build_ms = 1e3 * (time.perf_counter() - t0) / len(host)
-    batches = [parallel.shard_batch(b, mesh, rules) for b in host]
-    state, feats = run.state, run.feats
-    fresh = jax.tree.map(np.asarray, state)
-    first_loss = None
-    for b in batches:  # compile every shape
-      state, m = run.train_step(state, b, feats)
-      first_loss = float(m["loss"]) if first_loss is None else first_loss
+    batches[pack] = [parallel.shard_batch(b, mesh, rules) for b in host]
     rows = [len(b["tokens"]) for b in host]
     real = sum(int(b["attn_mask"].sum()) for b in host)
-    layouts[pack] = dict(step=run.train_step, batches=batches, fresh=fresh,
-                         state_sh=run.state_sh, times=[], first_loss=first_loss,
-                         build_ms=build_ms, rows_mean=float(np.mean(rows)),
-                         real_fraction=real / (sum(rows) * int(cfg.sft.max_len)))
+    layouts[pack] = dict(rows_per_batch=float(np.mean(rows)), host_build_ms=build_ms,
+                         real_token_fraction=real / (sum(rows) * int(cfg.sft.max_len)))
   examples, rows_multiple, order = len(run.examples), run.pack_multiple, list(steps)
-  for lay in layouts.values():
-    lay["state"] = jax.device_put(lay["fresh"], lay["state_sh"])
-  for i in range(len(order)):
-    for lay in layouts.values():
-      t0 = time.perf_counter()
-      lay["state"], m = lay["step"](lay["state"], lay["batches"][i], feats)
-      jax.block_until_ready(m)
-      lay["times"].append(time.perf_counter() - t0)
-
-  def summary(lay):
-    return dict(ms_per_step=1e3 * statistics.median(lay["times"]), rows_per_batch=lay["rows_mean"],
-                real_token_fraction=lay["real_fraction"], host_build_ms=lay["build_ms"])
-
-  plain, packed = summary(layouts[False]), summary(layouts[True])
+  timed = _time_sft_steps_alternately(runs, batches)
+  plain, packed = ({"ms_per_step": timed[p][0], **layouts[p]} for p in (False, True))
   return dict(
       benchmark="sft_step",
       setting=dict(workdir=workdir, dataset=str(cfg.dataset.name), examples=examples,
@@ -401,8 +405,7 @@ def _sft_step(argv: Sequence[str]) -> dict:
       machine=machine_info(),
       unpacked=plain, packed=packed,
       speedup=plain["ms_per_step"] / packed["ms_per_step"],
-      loss_rel_diff=abs(layouts[True]["first_loss"] - layouts[False]["first_loss"]) /
-      abs(layouts[False]["first_loss"]),
+      loss_rel_diff=abs(timed[True][1] - timed[False][1]) / abs(timed[False][1]),
       wall_s=time.perf_counter() - t_start)
 
 
@@ -417,8 +420,6 @@ def _sft_layouts(argv: Sequence[str]) -> dict:
   alternately batch by batch from fresh states after an untimed pass that compiles every shape.
   """
   del argv
-  import jax
-  import numpy as np
   from sigma_jax import parallel
   from sigma_jax.data import loader
   from sigma_jax.train import sft
@@ -429,10 +430,10 @@ def _sft_layouts(argv: Sequence[str]) -> dict:
   ds = loader.load_dataset(cfg, workdir)
   mesh = parallel.make_mesh(cfg.mesh)
   cfg.sft.pack = True
-  lays = {}
+  stats, runs, batches = {}, {}, {}
   for layout in ("per_position", "one_pass"):
     cfg.sft.layout = layout
-    run = sft.setup(cfg, workdir, mesh, ds=ds, total_steps=1000)
+    run = runs[layout] = sft.setup(cfg, workdir, mesh, ds=ds, total_steps=1000)
     epoch = run.steps_per_epoch
     n = epoch if _EPOCH_BATCHES.value <= 0 else min(_EPOCH_BATCHES.value, epoch)
     rows = tokens = 0
@@ -442,34 +443,18 @@ def _sft_layouts(argv: Sequence[str]) -> dict:
       rows += len(b["tokens"])
       tokens += int(b["attn_mask"].sum())
     build_ms = 1e3 * (time.perf_counter() - t0) / n
-    timed = range(min(_TIMED_STEPS.value, n))
-    batches = [parallel.shard_batch(run.host_batch(i), mesh, cfg.axis_rules) for i in timed]
-    state = run.state
-    fresh = jax.tree.map(np.asarray, state)
-    for b in batches:  # compile every packed row count
-      state, m = run.train_step(state, b, run.feats)
-    jax.block_until_ready(m)
-    lays[layout] = dict(run=run, batches=batches, fresh=fresh, times=[],
-                        stats=dict(examples=len(run.examples), batches=n, rows=rows,
-                                   real_tokens=tokens, rows_per_batch=rows / n,
-                                   real_tokens_per_batch=tokens / n, host_build_ms=build_ms))
-  for lay in lays.values():
-    lay["state"] = jax.device_put(lay["fresh"], lay["run"].state_sh)
-  for i in range(len(timed)):
-    for lay in lays.values():
-      t0 = time.perf_counter()
-      lay["state"], m = lay["run"].train_step(lay["state"], lay["batches"][i], lay["run"].feats)
-      jax.block_until_ready(m)
-      lay["times"].append(time.perf_counter() - t0)
-  out = {}
-  for name, lay in lays.items():
-    out[name] = dict(lay["stats"], ms_per_step=1e3 * statistics.median(lay["times"]))
-  pp, op = out["per_position"], out["one_pass"]
+    batches[layout] = [parallel.shard_batch(run.host_batch(i), mesh, cfg.axis_rules)
+                       for i in range(min(_TIMED_STEPS.value, n))]
+    stats[layout] = dict(examples=len(run.examples), batches=n, rows=rows, real_tokens=tokens,
+                         rows_per_batch=rows / n, real_tokens_per_batch=tokens / n,
+                         host_build_ms=build_ms)
+  timed = _time_sft_steps_alternately(runs, batches)
+  pp, op = ({"ms_per_step": timed[k][0], **stats[k]} for k in ("per_position", "one_pass"))
   return dict(
       benchmark="sft_layouts",
       setting=dict(workdir=workdir, dataset=str(cfg.dataset.name),
                    batch_size=int(cfg.sft.batch_size), max_len=int(cfg.sft.max_len),
-                   timed_steps=len(timed)),
+                   timed_steps=len(batches["one_pass"])),
       machine=machine_info(), per_position=pp, one_pass=op,
       token_ratio=pp["real_tokens_per_batch"] / op["real_tokens_per_batch"],
       row_ratio=pp["rows_per_batch"] / op["rows_per_batch"],

@@ -7,20 +7,21 @@ One example is laid out as
 
 where ``a(i)`` is item i's SID prefix (ℓ tokens; nothing in `gr_id` mode), ``<item>`` is the
 placeholder whose input embedding is replaced by the item's ProjFuse vector, and the hidden
-state at a ``<q>`` is the query that retrieves the item right after it.
+state at a ``<q>`` is the query that retrieves the item right after it. History items carry
+their own ``<q>``: with ``every_position`` (JustForYou training) each history item after the
+first is a target too — next-token loss on its prefix and retrieval loss at its ``<q>`` — so one
+pass trains every position of the history. It is not the same as one example per position:
+those history targets are predicted inside the history, before the instruction and
+``<|end|> <|start|>``, while evaluation predicts after them (on Scientific, one example per
+position scores far higher on validation; docs/RESULTS.md). Evaluation prompts stop right after
+``<|end|> <|start|>``: the generator continues them.
 
 `gr_sid` mode (``PromptSpec.sid_only``, TIGER-style) writes every item, history and target, as
 its full SID (all levels plus the de-duplication level) and nothing else:
 
   <|start|> {profile} {history verb} a(h_1) a(h_2) … {instruction} <|end|> <|start|> a(target)
 
-no ``<q>`` (so no retrieval target) and no ``<item>`` (no injected item embedding). History items carry their own ``<q>``: with ``every_position`` (JustForYou training)
-each history item after the first is a target too — next-token loss on its prefix and retrieval
-loss at its ``<q>`` — so one pass trains every position of the history. It is not the same as
-one example per position: those history targets are predicted inside the history, before the
-instruction and ``<|end|> <|start|>``, while evaluation predicts after them (on Scientific, one
-example per position scores far higher on validation; docs/RESULTS.md). Evaluation prompts
-stop right after ``<|end|> <|start|>``: the generator continues them.
+no ``<q>`` (so no retrieval target) and no ``<item>`` (no injected item embedding).
 
 Arrays of one example, all [T] (right-padded):
   tokens        int32 token ids (PAD = 0 after the end);

@@ -51,8 +51,6 @@ is the same whether built alone or with the others.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from typing import Callable
 
 import numpy as np
@@ -335,36 +333,23 @@ class QueryIndex:
     return len(self.postings.get(term, ()))
 
   def _mask(self, term: str) -> np.ndarray:
-    """[N] bool of the items that have ``term`` (memoised: only query terms ask for it)."""
+    """[N] bool of the items that have ``term`` (memoised)."""
     m = self._dense.get(term)
     if m is None:
       m = self._dense[term] = np.zeros(self.num_items, bool)
       m[self.postings.get(term, np.zeros(0, np.int64))] = True
     return m
 
-  def match_ids(self, terms) -> np.ndarray:
-    """Sorted item indices that have every term (all items for no terms)."""
-    ids = np.arange(self.num_items)
-    for w in terms:
-      ids = np.intersect1d(ids, self.postings.get(w, np.zeros(0, np.int64)),
-                           assume_unique=True)
-    return ids
-
   def matches(self, query: str) -> np.ndarray:
-    """[N] bool, True for the items that satisfy ``query``."""
-    mask = np.zeros(self.num_items, bool)
-    mask[self.match_ids(query_terms(query))] = True
+    """[N] bool, True for the items that have every term of ``query`` (all for no terms)."""
+    mask = np.ones(self.num_items, bool)
+    for w in query_terms(query):
+      mask = mask & self._mask(w)
     return mask
 
   def count(self, query: str) -> int:
     """The number of items that satisfy ``query``."""
-    terms = query_terms(query)
-    if not terms:
-      return self.num_items
-    mask = self._mask(terms[0])
-    for w in terms[1:]:
-      mask = mask & self._mask(w)
-    return int(np.count_nonzero(mask))
+    return int(np.count_nonzero(self.matches(query)))
 
   def candidates(self, item: int, min_matches: int) -> list:
     """The item's terms a query may use: at least ``min_matches`` items have each, at most

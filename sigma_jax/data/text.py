@@ -28,20 +28,15 @@ def _sid_name(level: int, code: int) -> str:
   return f"<a{level}_{code}>"
 
 
-class TextTokenizer:
-  """SentencePiece pieces + special tokens + SID tokens, as one id space."""
+class SidVocab:
+  """The id space after the text ids [0, spm_size): L levels of C SID codes, then the D
+  de-duplication codes. Subclasses set ``spm_size``, ``levels``, ``codebook_size`` and
+  ``dedup_size``."""
 
-  def __init__(self, model_path: str, levels: int = 0, codebook_size: int = 0, dedup_size: int = 0):
-    if not os.path.exists(model_path):
-      raise FileNotFoundError(f"no SentencePiece model at {model_path}; run the "
-                              "'text_tokenizer' stage first")
-    self.sp = spm.SentencePieceProcessor(model_file=model_path)
-    self.spm_size = int(self.sp.get_piece_size())
-    self.levels, self.codebook_size, self.dedup_size = levels, codebook_size, dedup_size
-    self.special = {s: int(self.sp.piece_to_id(s)) for s in SPECIALS}
-    for s, i in self.special.items():
-      if i == UNK:
-        raise ValueError(f"{model_path}: special token {s} is missing from the model")
+  spm_size: int
+  levels: int
+  codebook_size: int
+  dedup_size: int
 
   @property
   def num_sid_tokens(self) -> int:
@@ -58,6 +53,22 @@ class TextTokenizer:
     if not 0 <= level <= self.levels or np.any(code < 0) or np.any(code >= limit):
       raise ValueError(f"SID level {level} code out of range [0, {limit})")
     return self.spm_size + level * self.codebook_size + code
+
+
+class TextTokenizer(SidVocab):
+  """SentencePiece pieces + special tokens + SID tokens, as one id space."""
+
+  def __init__(self, model_path: str, levels: int = 0, codebook_size: int = 0, dedup_size: int = 0):
+    if not os.path.exists(model_path):
+      raise FileNotFoundError(f"no SentencePiece model at {model_path}; run the "
+                              "'text_tokenizer' stage first")
+    self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.spm_size = int(self.sp.get_piece_size())
+    self.levels, self.codebook_size, self.dedup_size = levels, codebook_size, dedup_size
+    self.special = {s: int(self.sp.piece_to_id(s)) for s in SPECIALS}
+    for s, i in self.special.items():
+      if i == UNK:
+        raise ValueError(f"{model_path}: special token {s} is missing from the model")
 
   def encode(self, text: str) -> list[int]:
     return list(self.sp.encode(text))

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from sigma_jax.data import text
 from sigma_jax.generate import beam
 from sigma_jax.models import backbone as bb
 
@@ -135,7 +136,7 @@ def synthetic_sids(rng: np.random.Generator, n: int, sizes: Sequence[int]) -> np
   return np.stack(np.unravel_index(keys, tuple(sizes)), axis=1).astype(np.int32)  # [N, L]
 
 
-class SyntheticTokenizer:
+class SyntheticTokenizer(text.SidVocab):
   """A stand-in for `data.text.TextTokenizer` without a SentencePiece model.
 
   The same id layout (`data/text.py`): ids [0, spm_size) are text (0 padding, 1 unknown, 2-5
@@ -146,27 +147,11 @@ class SyntheticTokenizer:
   """
 
   def __init__(self, spm_size: int, levels: int, codebook_size: int, dedup_size: int = 0):
-    from sigma_jax.data import text
     if spm_size < 7:
       raise ValueError(f"spm_size must leave room for the special tokens, got {spm_size}")
     self.spm_size, self.levels = int(spm_size), int(levels)
     self.codebook_size, self.dedup_size = int(codebook_size), int(dedup_size)
     self.special = {s: 2 + i for i, s in enumerate(text.SPECIALS)}
-
-  @property
-  def num_sid_tokens(self) -> int:
-    return self.levels * self.codebook_size + self.dedup_size
-
-  @property
-  def vocab_size(self) -> int:
-    return self.spm_size + self.num_sid_tokens
-
-  def sid_token(self, level: int, code) -> np.ndarray:
-    code = np.asarray(code)
-    limit = self.dedup_size if level == self.levels else self.codebook_size
-    if not 0 <= level <= self.levels or np.any(code < 0) or np.any(code >= limit):
-      raise ValueError(f"SID level {level} code out of range [0, {limit})")
-    return self.spm_size + level * self.codebook_size + code
 
   def encode(self, text_: str) -> list[int]:
     import zlib

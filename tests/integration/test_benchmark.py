@@ -23,19 +23,23 @@ def _positive(x):
   return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x) and x > 0
 
 
-@pytest.mark.slow
-def test_decode_prints_one_json_line_of_positive_numbers():
+def _run_benchmark(*args, timeout: int) -> dict:
+  """`python -m launch.benchmark ARGS` on one CPU device; its one JSON line, parsed."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
   # One device: the benchmark's numbers are for the real machine, not 8 fake devices.
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
       "--xla_force_host_platform_device_count=8", "")
-  proc = subprocess.run([sys.executable, "-m", "launch.benchmark", "decode", *TINY],
-                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run([sys.executable, "-m", "launch.benchmark", *args], cwd=_ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
   assert len(lines) == 1, proc.stdout
-  out = json.loads(lines[0])
+  return json.loads(lines[0])
 
+
+@pytest.mark.slow
+def test_decode_prints_one_json_line_of_positive_numbers():
+  out = _run_benchmark("decode", *TINY, timeout=120)
   assert out["benchmark"] == "decode"
   for key in ("jax", "cpu_count", "devices", "backend"):
     assert out["machine"][key]
@@ -70,20 +74,13 @@ def test_synthetic_sids_are_distinct_and_in_range():
 
 @pytest.mark.slow
 def test_sft_step_times_both_layouts_on_the_demo_run(demo_workdir):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
-  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-      "--xla_force_host_platform_device_count=8", "")
-  proc = subprocess.run([sys.executable, "-m", "launch.benchmark", "sft_step",
-                         "--config=configs/demo.py", f"--workdir={demo_workdir}",
-                         "--timed_steps=2",
-                         "--config.sft.layout=per_position", "--config.sft.batch_size=16",
-                         # rows of 256 tokens hold at least two of the demo's <= 128-token prompts
-                         "--config.sft.max_len=256"],
-                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = [l for l in proc.stdout.splitlines() if l.strip()]
-  assert len(lines) == 1, proc.stdout
-  out = json.loads(lines[0])
+  out = _run_benchmark("sft_step",
+                       "--config=configs/demo.py", f"--workdir={demo_workdir}",
+                       "--timed_steps=2",
+                       "--config.sft.layout=per_position", "--config.sft.batch_size=16",
+                       # rows of 256 tokens hold at least two of the demo's <= 128-token prompts
+                       "--config.sft.max_len=256",
+                       timeout=300)
   assert out["benchmark"] == "sft_step" and out["setting"]["steps"] == 2
   assert out["unpacked"]["rows_per_batch"] == 16
   assert 0 < out["packed"]["rows_per_batch"] <= 12
@@ -96,18 +93,11 @@ def test_sft_step_times_both_layouts_on_the_demo_run(demo_workdir):
 
 @pytest.mark.slow
 def test_profile_prints_mfu_users_per_s_and_parts():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
-  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
-      "--xla_force_host_platform_device_count=8", "")
-  proc = subprocess.run([sys.executable, "-m", "launch.benchmark", "profile",
-                         "--config=configs/beauty.py:tiny", "--profile_items=300",
-                         "--history=4", "--reps=1", "--prompt_len=8",
-                         "--matmul_sizes=64x32x128,128x128x128"],
-                        cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = [l for l in proc.stdout.splitlines() if l.strip()]
-  assert len(lines) == 1, proc.stdout
-  out = json.loads(lines[0])
+  out = _run_benchmark("profile",
+                       "--config=configs/beauty.py:tiny", "--profile_items=300",
+                       "--history=4", "--reps=1", "--prompt_len=8",
+                       "--matmul_sizes=64x32x128,128x128x128",
+                       timeout=300)
   assert out["benchmark"] == "profile"
   for key in ("matmul_flops_per_s", "mfu_sft", "mfu_decode", "mfu_eval", "eval_users_per_s",
               "sft_flops_per_step", "wall_s"):

@@ -50,6 +50,13 @@ def test_data_stage_from_the_command_line_then_skipped(tmp_path):
   assert pipeline.run(cfg, workdir, strict=True)["data"]["num_users"] == 300
 
 
+def _record_recipe(workdir, stage, recipe):
+  """Writes ``recipe`` as stage ``stage``'s recorded recipe in ``workdir``."""
+  os.makedirs(os.path.join(workdir, stage))
+  with open(wd.recipe_path(workdir, stage), "w") as f:
+    json.dump(recipe, f)
+
+
 def test_a_recipe_from_before_a_new_key_matches_its_old_behaviour(tmp_path):
   """sft.similarity was added later: a recorded recipe without it equals 'cosine', what those
   runs did, and differs from 'dot'."""
@@ -57,9 +64,7 @@ def test_a_recipe_from_before_a_new_key_matches_its_old_behaviour(tmp_path):
   workdir = str(tmp_path)
   old = pipeline.recipe(cfg, "sft", workdir)
   del old["sft.similarity"]
-  os.makedirs(os.path.join(workdir, "sft"))
-  with open(wd.recipe_path(workdir, "sft"), "w") as f:
-    json.dump(old, f)
+  _record_recipe(workdir, "sft", old)
   assert pipeline.recipe_changes(cfg, workdir, "sft") == []
   cfg.sft.similarity = "dot"
   assert pipeline.recipe_changes(cfg, workdir, "sft") == ["sft.similarity: 'cosine' -> 'dot'"]
@@ -71,9 +76,7 @@ def test_a_data_recipe_from_before_dataset_format_is_unchanged(tmp_path):
   workdir = str(tmp_path)
   old = pipeline.recipe(cfg, "data", workdir)
   del old["dataset.format"]
-  os.makedirs(os.path.join(workdir, "data"))
-  with open(wd.recipe_path(workdir, "data"), "w") as f:
-    json.dump(old, f)
+  _record_recipe(workdir, "data", old)
   assert pipeline.recipe_changes(cfg, workdir, "data") == []
   cfg.dataset.format = "amazon_p5"
   assert pipeline.recipe_changes(cfg, workdir, "data") == ["dataset.format: '' -> 'amazon_p5'"]
@@ -86,9 +89,7 @@ def test_a_recipe_with_a_renamed_key_reads_under_the_new_name(tmp_path):
   old = pipeline.recipe(cfg, "sft", workdir)
   assert old.pop("sft.layout") == "sequence"
   old["sft.every_position"] = True
-  os.makedirs(os.path.join(workdir, "sft"))
-  with open(wd.recipe_path(workdir, "sft"), "w") as f:
-    json.dump(old, f)
+  _record_recipe(workdir, "sft", old)
   assert pipeline.recipe_changes(cfg, workdir, "sft") == []
   cfg.sft.layout = "per_position"
   assert pipeline.recipe_changes(cfg, workdir, "sft") == [
