@@ -200,6 +200,10 @@ def base_config() -> ml_collections.ConfigDict:
   # sigma_fixed_fusion ablation; only σ/τ matters, so its row sweeps τ at σ = 1). 0: adaptive.
   c.generation.apf_fixed_sigma = 0.0
   c.generation.eval_batch = 64
+  # Evaluation and serving cut a batch's right-padded prompts to its longest prompt, rounded up
+  # to a multiple of this (so few shapes compile); 0 keeps them at sft.max_len. Padding is
+  # masked and RoPE positions count real tokens, so the ranking is the same either way.
+  c.generation.prompt_bucket = 16
   c.generation.eval_tasks = ""  # comma-separated tasks to evaluate; empty: every available
   c.generation.eval_limit = 0  # evaluate at most this many examples per task and split; 0: all
 

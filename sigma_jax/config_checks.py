@@ -122,6 +122,9 @@ def validate(cfg, stages, workdir: str | None = None, devices=None) -> None:
     raise ValueError(f"generation.apf_fixed_sigma={fixed} fixes APF's σ, but APF does not run "
                      f"(generation.fuse={cfg.generation.fuse}, generation.mode="
                      f"{cfg.generation.mode!r})")
+  if int(cfg.generation.get("prompt_bucket", 0)) < 0:
+    raise ValueError(f"generation.prompt_bucket={cfg.generation.prompt_bucket} is negative; 0 "
+                     "keeps prompts at sft.max_len, > 0 cuts them to a multiple of it")
   check_beams(cfg.generation, cfg.tokenizer)
   # Device-dependent checks only for the stages that will shard a batch.
   if {"pretrain", "ground", "sft"} & set(stages):

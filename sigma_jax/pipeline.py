@@ -70,10 +70,11 @@ _READS = {
 # Read only when ranking (the collab row is re-scored under a changed protocol), so not part of
 # the data stage's recipe.
 _RANKING = frozenset({"dataset.exclude_history"})
-# Logging and checkpoint cadence, inference batch sizes, sequence packing and data locations:
+# Logging and checkpoint cadence, inference batch and prompt sizes, sequence packing and data
+# locations:
 # they change how a stage runs, not what it computes.
 _INCIDENTAL = frozenset({"log_every", "ckpt_every", "eval_batch", "encode_batch", "pack",
-                         "tfds_dir", "manual_dir"})
+                         "prompt_bucket", "tfds_dir", "manual_dir"})
 
 
 # Config keys added after runs recorded their recipes, with the value that reproduces what those

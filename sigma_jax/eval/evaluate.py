@@ -22,19 +22,28 @@ KS = (1, 5, 10, 20)
 
 def rank_examples(gen: gen_lib.Generator, ex, batch_size: int, tau: float | None = None,
                   limit: int | None = None, progress: bool = False) -> np.ndarray:
-  """[M, top_n] ranked items for a task's examples (fixed batch shape: one compilation)."""
+  """[M, top_n] ranked items for a task's examples, in the examples' order.
+
+  Batches hold examples of similar history length (a stable sort by length), so that
+  `Generator.recommend` can cut each batch's prompts to its longest one; every batch has
+  ``batch_size`` rows (the last is padded by repeating an example), so few shapes compile.
+  """
   m = len(ex.target) if limit is None else min(limit, len(ex.target))
-  out = []
   hard = bool(ex.hard_constraint)
+  if m == 0:
+    return np.zeros((0, gen.spec.top_n), np.int32)
+  lengths = (np.asarray(ex.history[:m]) >= 0).sum(axis=1)
+  order = np.argsort(lengths, kind="stable")
+  out = np.full((m, gen.spec.top_n), -1, np.int32)
   for s in tqdm(range(0, m, batch_size), desc=f"eval {ex.task}/{ex.split}", leave=False,
                 disable=not progress):
-    rows = np.arange(s, min(m, s + batch_size))
+    rows = order[s:s + batch_size]
     padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
     allowed = ex.allowed_batch(padded) if hard else None
     ranked = gen.recommend(ex.history[padded], [ex.instruction[i] for i in padded], allowed,
                            tau=tau)
-    out.append(np.asarray(ranked.items)[:len(rows)])
-  return np.concatenate(out) if out else np.zeros((0, gen.spec.top_n), np.int32)
+    out[rows] = np.asarray(ranked.items)[:len(rows)]
+  return out
 
 
 def task_metrics(ranked: np.ndarray, ex, ds: loader.Dataset, extras: dict) -> dict:

@@ -136,6 +136,22 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
   return fusion.unfused_rank(res.scores, res.valid, cand, cos, spec.top_n)
 
 
+def trim_prompts(arrays: dict, bucket: int) -> dict:
+  """Right-padded [B, T] prompt arrays cut to the batch's longest prompt, rounded up to a
+  multiple of ``bucket`` (at most T; ``bucket`` 0: unchanged).
+
+  Only padding is cut: it is masked out of attention and RoPE positions count real tokens, so
+  the ranking does not change, while the prefill and the cache shrink with the real prompts.
+  """
+  t = arrays["tokens"].shape[1]
+  if bucket <= 0:
+    return arrays
+  longest = int(np.asarray(arrays["attn_mask"]).sum(axis=1).max(initial=1))
+  cut = min(t, -(-longest // bucket) * bucket)
+  return {k: v[:, :cut] if np.ndim(v) == 2 and v.shape[1] == t else v
+          for k, v in arrays.items()}
+
+
 class Generator:
   """Host-side wrapper: builds tables once, batches prompts, calls `generate`."""
 
@@ -210,7 +226,8 @@ class Generator:
     With `exclude_history` (default `cfg.dataset.exclude_history`) no history item is returned.
     """
     n = len(self.assets.sids)
-    arrays = self.prompts(histories, instructions)
+    arrays = trim_prompts(self.prompts(histories, instructions),
+                          int(self.cfg.generation.get("prompt_bucket", 0)))
     b = len(arrays["tokens"])
     constraint = np.ones((b, n), bool) if allowed is None else np.asarray(allowed, bool)
     if not constraint.any(axis=1).all():
