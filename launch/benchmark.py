@@ -59,6 +59,9 @@ beam search, `<q>` pass, retrieval + fusion, the one `generate` program, the who
    a table lookup (`generate.testing.TableStep`), i.e. the search machinery alone — constraint,
    softmax, top-k, beam bookkeeping and per-step dispatch. It is NOT the headline: `speedup` is
    with the model.
+   Every timed part (prefill, (a), (b) and the two search-only searches) runs once per round,
+   in max(`--reps`, `--ref_reps`) interleaved rounds; each reported time is its median, so a
+   noisy machine slows the parts alike.
 
 2. Per-step constraint cost against catalogue size. For each size in `--constraint_items`,
    tables of that many random distinct SIDs are built in NumPy (`trie.build_tables`, its time
@@ -72,6 +75,13 @@ beam search, `<q>` pass, retrieval + fusion, the one `generate` program, the who
    only tables whose size grows with the catalogue; dense levels are [C0, C1] whatever N);
    `constraint_growth_mean` uses the mean over levels. `dispatch_ms` is the median time of an
    empty jitted call, the floor every per-call number includes.
+
+3. Model FLOP utilisation, in the same run as 1. and 2.: `matmul_flops_per_s` is the best dense
+   f32 matmul rate ([64·128, d]×[d, 4d], its transpose, 1024³, 2048³; best of 3 each);
+   `mfu_decode` = the largest batch's analytic model FLOPs (`profile.decode_flops`: prefill
+   plus L steps of B·K beam tokens) / (its prefill + jitted search time) / that rate, as the
+   `profile` benchmark defines it. `search_only_speedup` repeats the largest batch's
+   `search_only` speed-up at the top level, beside `constraint_growth`.
 """
 from __future__ import annotations
 
@@ -193,6 +203,7 @@ def _search_bench(cfg, graphdef, params, sids, sizes, offsets, batch: int, rng) 
   import jax
   import numpy as np
 
+  from sigma_jax import profile
   from sigma_jax.generate import beam, reference, testing, trie
   from sigma_jax.models import backbone as bb
   k, levels, p = _NUM_BEAMS.value, len(sizes), _PROMPT_LEN.value
@@ -210,9 +221,8 @@ def _search_bench(cfg, graphdef, params, sids, sizes, offsets, batch: int, rng) 
     return cache
 
   start = jax.device_put(prompt[:, -1])  # [B]
-  jax.block_until_ready(prefill(params, prompt[:, :-1]))  # compile
-  prefill_s = _median_s(lambda: prefill(params, prompt[:, :-1]), _REPS.value)
-  cache = jax.block_until_ready(prefill(params, prompt[:, :-1]))
+  head = prompt[:, :-1]
+  cache = jax.block_until_ready(prefill(params, head))  # compiles
   # As generator.generate: the beams share the prompt cache and keep their own tokens apart.
   state = (params, jax.jit(lambda c: c.truncate(p - 1))(cache))
   own = jax.jit(lambda c: bb.beam_cache(c, levels + 2))(state[1])
@@ -226,13 +236,6 @@ def _search_bench(cfg, graphdef, params, sids, sizes, offsets, batch: int, rng) 
                                       num_beams=k, token_offset=offsets, codebook_sizes=sizes,
                                       level_logits=True)
 
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(device_search())
-  compile_s = time.perf_counter() - t0
-  device_s = _median_s(device_search, _REPS.value)
-  ref_seqs, _, ref_valid = host_search()  # warm-up: compiles the step and the reorder
-  host_s = _median_s(host_search, _REF_REPS.value)
-
   # The same two searches around a table-lookup step (no backbone): the search alone.
   table = jax.device_put(rng.normal(size=(997, int(cfg.vocab_size))).astype(np.float32))
   rows = jax.device_put(np.zeros(batch, np.int32))  # [B] a one-int "cache" per row
@@ -242,10 +245,20 @@ def _search_bench(cfg, graphdef, params, sids, sizes, offsets, batch: int, rng) 
   lite_host = lambda: reference.host_beam_search(
       table_step, table, prompt[:, -1], rows, allowed_fn, num_beams=k, token_offset=offsets,
       codebook_sizes=sizes)
+
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(device_search())
+  compile_s = time.perf_counter() - t0
+  ref_seqs, _, ref_valid = host_search()  # warm-up: compiles the step and the reorder
   jax.block_until_ready(lite_device())
-  lite_device_s = _median_s(lite_device, _REPS.value)
   lite_host()
-  lite_host_s = _median_s(lite_host, _REF_REPS.value)
+  # Interleaved rounds: each round runs every timed part once, so a noisy machine slows them
+  # alike; the medians over max(--reps, --ref_reps) rounds.
+  sec = profile.interleaved_medians(
+      dict(prefill=lambda: prefill(params, head), device=device_search, host=host_search,
+           lite_device=lite_device, lite_host=lite_host), max(_REPS.value, _REF_REPS.value))
+  prefill_s, device_s, host_s = sec["prefill"], sec["device"], sec["host"]
+  lite_device_s, lite_host_s = sec["lite_device"], sec["lite_host"]
 
   seqs, valid = np.asarray(out.sequences), np.asarray(out.valid)
   same = (valid == ref_valid) & np.all(seqs == ref_seqs, axis=-1)  # [B, K]
@@ -327,9 +340,25 @@ def _decode(argv: Sequence[str]) -> dict:
   dispatch_ms = 1e3 * _median_s(lambda: empty(one), 200)
   constraint = [_constraint_bench(int(n), sizes, rng) for n in _CONSTRAINT_ITEMS.value]
 
+  # Model FLOP utilisation of the largest batch's decode (prefill + jitted search), against the
+  # machine's dense matmul rate, measured in this same run (the profile benchmark's definition).
+  from sigma_jax import profile
   largest = search[-1]
+  d = int(cfg.d_model)
+  rows = 64 * 128
+  roof = profile.matmul_flops_per_s(
+      [(rows, d, 4 * d), (rows, 4 * d, d), (1024, 1024, 1024), (2048, 2048, 2048)], 3)
+  flops = profile.decode_flops(cfg, largest["batch"], _PROMPT_LEN.value, levels,
+                               _NUM_BEAMS.value, c)
+  decode_flops_per_s = flops["total"] / (1e-3 * (largest["prefill_ms"] + largest["device_ms"]))
   return dict(
       benchmark="decode",
+      mfu_decode=decode_flops_per_s / roof["best"],
+      decode_flops_per_s=decode_flops_per_s,
+      decode_flops=flops,
+      matmul_flops_per_s=roof["best"],
+      matmul_flops_per_s_by_shape=roof["by_shape"],
+      search_only_speedup=largest["search_only"]["speedup"],
       setting=dict(
           search="beam.constrained_beam_search (jitted lax.while_loop, real backbone step on "
                  "the shared prompt KV cache, level-code logits) vs "

@@ -61,6 +61,15 @@ def test_decode_prints_one_json_line_of_positive_numbers():
     assert len(r["ms_per_level"]) == 3 and all(_positive(v) for v in r["ms_per_level"])
   assert _positive(out["constraint_growth"]) and _positive(out["constraint_growth_mean"])
   assert _positive(out["dispatch_ms"]) and _positive(out["wall_s"])
+  # The three figures in one run: MFU of the largest batch's decode, search-only
+  # speed-up and constraint growth.
+  assert _positive(out["matmul_flops_per_s"]) and 0 < out["mfu_decode"] < 1
+  flops = out["decode_flops"]
+  assert flops["total"] == pytest.approx(flops["prefill"] + flops["search"])
+  largest = out["search"][-1]
+  seconds = 1e-3 * (largest["prefill_ms"] + largest["device_ms"])
+  assert out["mfu_decode"] == pytest.approx(flops["total"] / seconds / out["matmul_flops_per_s"])
+  assert out["search_only_speedup"] == largest["search_only"]["speedup"]
 
 
 def test_synthetic_sids_are_distinct_and_in_range():
