@@ -56,8 +56,10 @@ beam search, `<q>` pass, retrieval + fusion, the one `generate` program, the who
    model differs. `agreement` is the fraction of (example, beam) rows whose SID the two
    searches agree on (near-ties in float32 can swap beams; it should be close to 1).
    `search_only` / `speedup_search_only`: the same two searches with the backbone replaced by
-   a table lookup (`generate.testing.TableStep`), i.e. the search machinery alone — constraint,
-   softmax, top-k, beam bookkeeping and per-step dispatch. It is NOT the headline: `speedup` is
+   a table lookup (`generate.testing.TableStep`, rows of W level-code logits, as the real step
+   returns), i.e. the search machinery alone — constraint, softmax, top-k, beam bookkeeping
+   and per-step dispatch. (Before 2026-12-05 the table rows had all V columns, the
+   full-vocabulary step the decoder no longer runs.) It is NOT the headline: `speedup` is
    with the model.
    Every timed part (prefill, (a), (b) and the two search-only searches) runs once per round,
    in max(`--reps`, `--ref_reps`) interleaved rounds; each reported time is its median, so a
@@ -236,15 +238,17 @@ def _search_bench(cfg, graphdef, params, sids, sizes, offsets, batch: int, rng) 
                                       num_beams=k, token_offset=offsets, codebook_sizes=sizes,
                                       level_logits=True)
 
-  # The same two searches around a table-lookup step (no backbone): the search alone.
-  table = jax.device_put(rng.normal(size=(997, int(cfg.vocab_size))).astype(np.float32))
+  # The same two searches around a table-lookup step (no backbone): the search alone. Like the
+  # real step it returns the level's code logits only ([B*K, W]).
+  table = jax.device_put(rng.normal(size=(997, max(sizes))).astype(np.float32))
   rows = jax.device_put(np.zeros(batch, np.int32))  # [B] a one-int "cache" per row
   table_step = testing.TableStep()
   lite_device = lambda: beam.constrained_beam_search(
-      table_step, table, start, rows, tables, num_beams=k, token_offset=offsets)
+      table_step, table, start, rows, tables, num_beams=k, token_offset=offsets,
+      level_logits=True)
   lite_host = lambda: reference.host_beam_search(
       table_step, table, prompt[:, -1], rows, allowed_fn, num_beams=k, token_offset=offsets,
-      codebook_sizes=sizes)
+      codebook_sizes=sizes, level_logits=True)
 
   t0 = time.perf_counter()
   out = jax.block_until_ready(device_search())

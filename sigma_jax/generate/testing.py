@@ -66,7 +66,7 @@ class TableStep:
   """A stand-in model step without a backbone: logits are rows of a fixed table.
 
   `step_fn(table [R, V], tokens [B*K], cache [B*K], step) -> (table[tokens % R] [B*K, V],
-  cache)`, the cache being one int per row (still reordered by both searches). The decode
+  cache)` (a table of W columns gives a level-code step, for ``level_logits=True``), the cache being one int per row (still reordered by both searches). The decode
   benchmark's `search_only` numbers use it to isolate the search machinery (constraint,
   softmax, top-k, beam bookkeeping, per-step dispatch) from the model.
   """
