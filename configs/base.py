@@ -199,6 +199,13 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0: APF with this constant σ for every query instead of the adaptive std(φ) (the
   # sigma_fixed_fusion ablation; only σ/τ matters, so its row sweeps τ at σ = 1). 0: adaptive.
   c.generation.apf_fixed_sigma = 0.0
+  # How Category and Query constraints act: "hard" (the decoder reaches only the items that
+  # satisfy them) or "soft" (the instruction is in the prompt and nothing else restricts
+  # decoding: constraint_satisfaction@10 then measures instruction following).
+  c.generation.constraints = "hard"
+  # "given": the task's instruction in the prompt; "none": no instruction text at all (the
+  # no-instruction baseline of soft constraints).
+  c.generation.instruction = "given"
   c.generation.eval_batch = 64
   # Evaluation and serving cut a batch's right-padded prompts to its longest prompt, rounded up
   # to a multiple of this (so few shapes compile); 0 keeps them at sft.max_len. Padding is
@@ -269,6 +276,14 @@ ROW_VARIANTS = {
     # sigma's model, APF with a constant σ instead of the adaptive one (sigma's SFT reused);
     # launch.compare chooses the constant σ/τ on validation (--fixed_sigma_taus).
     "sigma_fixed_fusion": {"generation.apf_fixed_sigma": 1.0},
+    # Soft constraints (sigma's SFT reused): Category and Query instructions in the prompt,
+    # nothing restricting decoding; and the same model given no instruction at all.
+    "sigma_soft": {"generation.constraints": "soft"},
+    "sigma_no_instruction": {"generation.constraints": "soft", "generation.instruction": "none"},
+    # The most popular training items (no model): obeying a task's constraint as the decoder
+    # does, or ignoring it.
+    "popular": {},
+    "popular_soft": {"generation.constraints": "soft"},
 }
 VARIANTS = ("tiny",) + tuple(ROW_VARIANTS)
 

@@ -12,6 +12,8 @@ r"""Top-N recommendations from a trained work directory.
 comma-separated list of raw item ids, oldest first, for a new user. Tasks and their constraint
 flags: justforyou, longtail, discover (none); category (--category, constrains decoding);
 query (--query, constrains decoding to matching items); season (--season); holiday (--holiday).
+--soft leaves the category or query to the instruction alone: nothing restricts decoding, so
+the list shows how well the model follows it (`generation.constraints=soft`).
 
 --users_file serves a file of requests, one JSON object per line, with the fields
 {"id", "user" | "history", "task", "category" | "query" | "season" | "holiday", "template"}
@@ -53,6 +55,9 @@ _JSON = flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
 _USERS_FILE = flags.DEFINE_string("users_file", None, "JSON lines of requests to serve in "
                                   "batches (module docstring); needs --out.")
 _OUT = flags.DEFINE_string("out", None, "--users_file: where the JSON-lines answer goes.")
+_SOFT = flags.DEFINE_bool("soft", False, "Category and query constraints are soft: the "
+                          "instruction asks for them and nothing else restricts decoding "
+                          "(--config.generation.constraints=soft).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "--users_file: users per generator call; "
                                    "0: the config's generation.eval_batch.")
 flags.mark_flags_as_required(["workdir"])
@@ -65,6 +70,8 @@ def main(argv):
     # Checkpoint and dataset INFO logs would bury the answer; --verbosity=0 shows them.
     logging.set_verbosity(logging.WARNING)
   from sigma_jax import serve  # after flags, so JAX starts with the user's environment
+  if _SOFT.value:
+    _CONFIG.value.generation.constraints = "soft"
   if _USERS_FILE.value is not None:
     sys.exit(_serve_file(serve))
   try:

@@ -122,6 +122,12 @@ def validate(cfg, stages, workdir: str | None = None, devices=None) -> None:
     raise ValueError(f"generation.apf_fixed_sigma={fixed} fixes APF's σ, but APF does not run "
                      f"(generation.fuse={cfg.generation.fuse}, generation.mode="
                      f"{cfg.generation.mode!r})")
+  if cfg.generation.get("constraints", "hard") not in ("hard", "soft"):
+    raise ValueError(f"generation.constraints must be 'hard' or 'soft', got "
+                     f"{cfg.generation.constraints!r}")
+  if cfg.generation.get("instruction", "given") not in ("given", "none"):
+    raise ValueError(f"generation.instruction must be 'given' or 'none', got "
+                     f"{cfg.generation.instruction!r}")
   if int(cfg.generation.get("prompt_bucket", 0)) < 0:
     raise ValueError(f"generation.prompt_bucket={cfg.generation.prompt_bucket} is negative; 0 "
                      "keeps prompts at sft.max_len, > 0 cuts them to a multiple of it")

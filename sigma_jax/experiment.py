@@ -99,7 +99,8 @@ def run(cfg, workdir: str, rows=compare.ROWS, taus=compare.DEFAULT_TAUS, *,
   rows = compare.ordered_rows(rows)
   shared = cfg.copy_and_resolve_references()
   # The popular row needs the data stage only; every other row needs all the shared stages.
-  needed = ("data",) if {compare.split_row(r)[0] for r in rows} <= {"popular"} else compare.SHARED
+  needed = (("data",) if {compare.split_row(r)[0] for r in rows} <= set(compare.POPULAR_ROWS)
+            else compare.SHARED)
   shared.stages = ",".join(needed)
   pipeline.run(shared, workdir, strict=True)
   per_task = compare.is_per_task(cfg)
@@ -107,7 +108,9 @@ def run(cfg, workdir: str, rows=compare.ROWS, taus=compare.DEFAULT_TAUS, *,
   for row in rows:
     base, all_items = compare.split_row(row)
     pcfg = compare.protocol_config(cfg.copy_and_resolve_references(), all_items)
-    if base == "popular":
+    if base in compare.POPULAR_ROWS:
+      pcfg = compare.protocol_config(configure(cfg.copy_and_resolve_references(), base),
+                                     all_items)
       if not select_only:  # nothing to select: its row is its validation and test metrics
         out[row] = compare.popular_row(pcfg, workdir, row)
         timing[row] = utils.read_json(wd.path(compare.row_dir(workdir, row),

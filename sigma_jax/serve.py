@@ -271,6 +271,8 @@ class Recommender:
       ServeError: any bad argument (module docstring).
     """
     task, text, allowed = self.instruction(task, category, query, season, holiday, template)
+    if self.cfg.generation.get("constraints", "hard") == "soft":
+      allowed = None  # the instruction alone asks for the category or query; nothing enforces it
     return Request(self.history_of(user, history), text, allowed)
 
   def serve(self, requests: list, top: int = 10, tau: float | None = None,

@@ -1,11 +1,14 @@
 """One dataset's comparison: the rows, τ selection, paired intervals and the tables (Markdown and
 JSON) of ``launch/compare.py``. ``sigma_jax.experiment`` runs the rows through the pipeline.
 
-Rows: ``popular`` (the most popular training items; no model), ``collab`` (SASRec), ``gr_sid``
+Rows: ``popular`` (the most popular training items; no model; ``popular_soft`` ignores a task's
+constraint), ``collab`` (SASRec), ``gr_sid``
 (TIGER-style full SID), ``gr_id``, ``sigma``, and the ablations ``sigma_no_grounding`` (SIDs
 from un-grounded TF-IDF text embeddings), ``sigma_no_apf`` (sigma's model ranked without APF)
 and ``sigma_fixed_fusion`` (sigma's model, APF with a constant σ chosen on validation instead of
-the adaptive one). A row's config is the comparison's config with the row's variant applied
+the adaptive one); ``sigma_soft`` (sigma's model, Category and Query constraints in the prompt
+only, ``generation.constraints='soft'``) and ``sigma_no_instruction`` (the same, given no
+instruction text). A row's config is the comparison's config with the row's variant applied
 (``configure(cfg, row)``; ``launch.compare`` passes ``configs/base.py``'s ``apply_variant``,
 where the rows' config changes are defined); this module holds what is not config: the stages
 each row runs itself and whose SFT it reuses.
@@ -27,8 +30,9 @@ from sigma_jax import utils
 from sigma_jax import workdir as wd
 
 SHARED = ("data", "text_tokenizer", "collab", "ground", "tokenize")
-ROWS = ("popular", "collab", "sigma", "gr_sid", "gr_id", "sigma_no_grounding",
-        "sigma_no_apf", "sigma_fixed_fusion")  # order
+ROWS = ("popular", "popular_soft", "collab", "sigma", "gr_sid", "gr_id", "sigma_no_grounding",
+        "sigma_no_apf", "sigma_fixed_fusion", "sigma_soft", "sigma_no_instruction")  # order
+POPULAR_ROWS = ("popular", "popular_soft")  # no model: popularity under the row's config
 MODEL_ROWS = {  # row -> (its own stages, the row whose sft it reuses); config: its variant
     "sigma": (("sft", "eval"), None),
     "gr_sid": (("sft", "eval"), None),
@@ -36,6 +40,8 @@ MODEL_ROWS = {  # row -> (its own stages, the row whose sft it reuses); config: 
     "sigma_no_grounding": (("tokenize", "sft", "eval"), None),
     "sigma_no_apf": (("eval",), "sigma"),
     "sigma_fixed_fusion": (("eval",), "sigma"),
+    "sigma_soft": (("eval",), "sigma"),
+    "sigma_no_instruction": (("eval",), "sigma"),
 }
 # A row named "<row>@all_items" is <row>'s model ranked under TIGER's protocol: every catalogue
 # item ranked, the user's own history items included (dataset.exclude_history=false). It reuses
@@ -174,8 +180,10 @@ def popular_row(cfg, workdir: str, row: str = "popular") -> dict:
   rdir = row_dir(workdir, row)
   os.makedirs(wd.stage_dir(rdir, "eval"), exist_ok=True)
   metrics = {"tasks": results, "mode": "popular",
-             "protocol": {"ranking": "training-split popularity (ties: lower item index); hard "
-                                     "constraints applied as the generator applies them",
+             "protocol": {"ranking": "training-split popularity (ties: lower item index); "
+                                     + ("hard constraints applied as the generator applies them"
+                                        if cfg.generation.constraints == "hard" else
+                                        "constraints ignored (soft: popularity alone)"),
                           "history_items": "never returned" if ranker.exclude_history
                                            else "ranked like any other item"},
              "wall_time_s": round(time.time() - start, 1)}

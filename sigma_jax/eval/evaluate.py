@@ -21,15 +21,20 @@ KS = (1, 5, 10, 20)
 
 
 def rank_examples(gen: gen_lib.Generator, ex, batch_size: int, tau: float | None = None,
-                  limit: int | None = None, progress: bool = False) -> np.ndarray:
+                  limit: int | None = None, progress: bool = False, hard: bool = True,
+                  instruction: bool = True) -> np.ndarray:
   """[M, top_n] ranked items for a task's examples, in the examples' order.
+
+  ``hard``: a task with a hard constraint (Category, Query) restricts decoding to its items;
+  False: soft, nothing restricts decoding beyond history exclusion. ``instruction`` False: the
+  prompts carry no instruction text.
 
   Batches hold examples of similar history length (a stable sort by length), so that
   `Generator.recommend` can cut each batch's prompts to its longest one; every batch has
   ``batch_size`` rows (the last is padded by repeating an example), so few shapes compile.
   """
   m = len(ex.target) if limit is None else min(limit, len(ex.target))
-  hard = bool(ex.hard_constraint)
+  hard = bool(ex.hard_constraint) and hard
   if m == 0:
     return np.zeros((0, gen.spec.top_n), np.int32)
   lengths = (np.asarray(ex.history[:m]) >= 0).sum(axis=1)
@@ -40,8 +45,8 @@ def rank_examples(gen: gen_lib.Generator, ex, batch_size: int, tau: float | None
     rows = order[s:s + batch_size]
     padded = np.concatenate([rows, np.full(batch_size - len(rows), rows[-1])])
     allowed = ex.allowed_batch(padded) if hard else None
-    ranked = gen.recommend(ex.history[padded], [ex.instruction[i] for i in padded], allowed,
-                           tau=tau)
+    texts = [ex.instruction[i] if instruction else "" for i in padded]
+    ranked = gen.recommend(ex.history[padded], texts, allowed, tau=tau)
     out[rows] = np.asarray(ranked.items)[:len(rows)]
   return out
 
@@ -92,7 +97,9 @@ def evaluate(cfg, ds, gen, splits=("validation", "test"), task_names=None, tau=N
     for name, ex in built.items():
       if not len(ex.target):
         continue
-      ranked = rank_examples(gen, ex, int(cfg.generation.eval_batch), tau, limit, progress)
+      ranked = rank_examples(gen, ex, int(cfg.generation.eval_batch), tau, limit, progress,
+                             hard=cfg.generation.constraints == "hard",
+                             instruction=cfg.generation.instruction == "given")
       results.setdefault(name, {})[split] = task_metrics(ranked, ex, ds, extras)
       if ranks_out is not None:
         ranks_out[f"{name}/{split}"] = M.target_rank(ranked, ex.target[:len(ranked)])

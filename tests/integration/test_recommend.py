@@ -207,3 +207,20 @@ def test_users_file_cli(demo_workdir, cli_env, tmp_path):
   assert "served 1 of 2 requests" in proc.stderr
   records = [json.loads(l) for l in out.read_text().splitlines()]
   assert len(records[0]["items"]) == 3 and "error" in records[1]
+
+
+def test_soft_category_is_asked_for_not_enforced(rec):
+  """--soft (generation.constraints=soft): the category is in the instruction but no longer
+  restricts decoding; the hard request's items all belong to it."""
+  hard = rec.prepare(user=USER, task="category", category="comedy")
+  rec.cfg.generation.constraints = "soft"
+  try:
+    soft = rec.prepare(user=USER, task="category", category="comedy")
+    rows = rec.serve([soft], top=10)[0]
+  finally:
+    rec.cfg.generation.constraints = "hard"
+  assert hard.allowed is not None and hard.allowed.any() and not hard.allowed.all()
+  assert soft.allowed is None and soft.instruction == hard.instruction
+  assert "Comedy" in soft.instruction and len(rows) == 10
+  hard_rows = rec.serve([hard], top=10)[0]
+  assert all("Comedy" in r["category"].split(", ") for r in hard_rows)

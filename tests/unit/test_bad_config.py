@@ -39,6 +39,9 @@ def test_shipped_configs_are_valid(module, arg):
     (dict(sft__layout="one_pass", sft__pack=False), r"one_pass.*needs sft\.pack=True"),
     (dict(sft__init="warm"), r"sft\.init must be one of .* got 'warm'"),
     (dict(generation__apf_fixed_sigma=-1.0), r"generation\.apf_fixed_sigma=-1\.0 is negative"),
+    (dict(generation__constraints="loose"), r"generation\.constraints must be 'hard' or 'soft'"),
+    (dict(generation__instruction="empty"), r"generation\.instruction must be 'given' or 'none'"),
+    (dict(generation__prompt_bucket=-8), r"generation\.prompt_bucket=-8 is negative"),
     (dict(generation__apf_fixed_sigma=1.0, generation__fuse=False),
      r"apf_fixed_sigma=1\.0 fixes APF's σ, but APF does not run \(generation\.fuse=False"),
     # The default stages leave the optional pretrain stage out.

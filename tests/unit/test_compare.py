@@ -246,15 +246,23 @@ def test_rows_are_config_variants():
           "sigma_no_grounding": {"tokenizer.source": "raw", "sft.text_features": "raw",
                                  "sft.init": "scratch"},
           "sigma_no_apf": {"generation.fuse": False},
-          "sigma_fixed_fusion": {"generation.apf_fixed_sigma": 1.0}}
+          "sigma_fixed_fusion": {"generation.apf_fixed_sigma": 1.0},
+          "sigma_soft": {"generation.constraints": "soft"},
+          "sigma_no_instruction": {"generation.constraints": "soft",
+                                   "generation.instruction": "none"},
+          "popular": {},
+          "popular_soft": {"generation.constraints": "soft"}}
   assert base.ROW_VARIANTS == want
-  assert set(compare.MODEL_ROWS) == set(want)
+  assert set(compare.MODEL_ROWS) == set(want) - set(compare.POPULAR_ROWS)
+  assert set(compare.ROWS) == set(want) | {"collab"}
   for module in (beauty, scientific, movielens, demo):
     ref = flat(module.get_config())
     for row, changes in want.items():
       got = flat(module.get_config(row))
       diff = {k: got[k] for k in got if got[k] != ref[k]}
       assert diff == changes, (module.__name__, row)
+      if row in compare.POPULAR_ROWS:  # no model: experiment.run applies the variant itself
+        continue
       # compare's row config: the variant applied to the given config, nothing else.
       viaconf = flat(compare.row_config(module.get_config(), row, base.apply_variant))
       assert viaconf == got, (module.__name__, row)
