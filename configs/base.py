@@ -285,7 +285,14 @@ ROW_VARIANTS = {
     "popular": {},
     "popular_soft": {"generation.constraints": "soft"},
 }
-VARIANTS = ("tiny",) + tuple(ROW_VARIANTS)
+# Recipe variants that are not rows of a comparison: a whole comparison runs under them.
+RECIPE_VARIANTS = {
+    # Train and evaluate every task the dataset's fields allow (data/tasks.py: available_tasks),
+    # not JustForYou alone: on Amazon 2014 Beauty and 2018 Scientific (no timestamps, so no
+    # Season or Holiday) JustForYou, Category, Query, Longtail and Discover.
+    "multitask": {"sft.tasks": "", "generation.eval_tasks": ""},
+}
+VARIANTS = ("tiny",) + tuple(RECIPE_VARIANTS) + tuple(ROW_VARIANTS)
 
 
 def variant_names(arg) -> list:
@@ -307,7 +314,7 @@ def apply_variant(c: ml_collections.ConfigDict, arg) -> ml_collections.ConfigDic
     if name == "tiny":
       make_tiny(c)
       continue
-    for dotted, value in ROW_VARIANTS[name].items():
+    for dotted, value in {**RECIPE_VARIANTS, **ROW_VARIANTS}[name].items():
       node = c
       *parents, leaf = dotted.split(".")
       for p in parents:

@@ -7,7 +7,12 @@ r"""Amazon 2014 Beauty (TIGER/P5 5-core split), the headline benchmark.
 
 A variant after the colon (configs/base.py: VARIANTS) gives one row of the comparison, or the
 test size: `:tiny`, `:gr_sid`, `:gr_id`, `:sigma_no_grounding`, `:sigma_no_apf`,
-`:sigma_fixed_fusion`, or several comma-separated (`:tiny,gr_sid`).
+`:sigma_fixed_fusion`, `:sigma_soft`, `:sigma_no_instruction`, or several comma-separated
+(`:tiny,gr_sid`). `:multitask` trains and evaluates every task the data allow instead of
+JustForYou alone; Beauty has no timestamps, so these are JustForYou, Query, Category, Longtail
+and Discover, with 128,031 / 128,031 / 128,031 / 26,085 / 96,330 training examples
+(validation 22,363 / 22,363 / 22,363 / 6,814 / 16,210; test 22,363 / 22,363 / 22,363 / 8,160 /
+15,840). Not trained yet: about 4 times the single-task SFT per epoch.
 
 Data: $SIGMA_DATA_DIR/amazon2014/Beauty (or --config.dataset.manual_dir=...).
 Protocol: TIGER's leave-one-out, history <= 20, full ranking over all 12,101 items, the

@@ -5,6 +5,9 @@ r"""Amazon 2018 Industrial & Scientific (UniSRec preprocessing).
       --tau_limit=3000 --taus=0.001,0.003,0.01 \
       --rows=collab,sigma,gr_sid,gr_id,sigma_no_grounding,sigma_no_apf
 
+`--config=configs/scientific.py:multitask` trains and evaluates every task the data allow
+(no timestamps: JustForYou, Query, Category, Longtail, Discover); not trained yet.
+
 Data: $SIGMA_DATA_DIR/amazon2018/Scientific (or --config.dataset.manual_dir=...).
 Protocol: TIGER's leave-one-out, history <= 20, full ranking over all 4,385 items, the
 JustForYou (next-item) task. SFT trains on JustForYou only here: the published baselines are

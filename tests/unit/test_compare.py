@@ -413,3 +413,18 @@ def test_all_items_rows_pair_with_sigma_at_all_items(tmp_path):
   assert out["rows"]["gr_id"]["justforyou"]["diff"] > 0  # against sigma
   assert out["rows"]["gr_id@all_items"]["justforyou"]["diff"] == 0.0  # against sigma@all_items
   assert "sigma@all_items" in compare.paired_markdown(out).splitlines()[0]
+
+
+def test_multitask_variant_changes_only_the_task_lists():
+  """`:multitask` trains and evaluates every task the data allow; nothing else changes."""
+  from configs import beauty, scientific
+
+  for module in (beauty, scientific):
+    one, many = module.get_config().to_dict(), module.get_config("multitask").to_dict()
+    assert one["sft"]["tasks"] == one["generation"]["eval_tasks"] == "justforyou"
+    assert many["sft"]["tasks"] == many["generation"]["eval_tasks"] == ""
+    many["sft"]["tasks"] = many["generation"]["eval_tasks"] = "justforyou"
+    assert many == one
+  # It combines with a row: the multi-task gr_id.
+  c = beauty.get_config("multitask,gr_id")
+  assert c.sft.tasks == "" and c.generation.mode == "gr_id"
