@@ -92,3 +92,28 @@ def demo_workdir(tmp_path_factory):
     if not wd.is_done(str(workdir), "eval"):  # eval: the pipeline's last stage
       run_train(str(workdir), *FAST_DEMO)  # resumable, should a worker have died mid-run
   return str(workdir)
+
+
+def synthetic_assets(mode: str = "sigma", *, items: int = 40, levels: int = 2, codes: int = 4,
+                     dedup: int = 3, spm: int = 1000, beams: int = 10, seed: int = 0):
+  """(cfg, assets) of a tiny synthetic catalogue for in-process decoder tests: the demo config
+  (its `gr_sid` variant for that mode) with ``levels`` SID levels of ``codes`` codes plus a
+  de-duplication level of ``dedup``, ``items`` distinct random SIDs, unit random features, a
+  `generate.testing.SyntheticTokenizer` of ``spm`` text tokens, K = top_n = ``beams``."""
+  import numpy as np
+
+  from configs import demo
+  from sigma_jax.generate import testing
+  from sigma_jax.models import rq
+  from sigma_jax.train import sft
+  cfg = demo.get_config("gr_sid" if mode == "gr_sid" else None)
+  cfg.generation.mode = mode
+  cfg.tokenizer.levels, cfg.tokenizer.codebook_size, cfg.tokenizer.prefix_len = levels, codes, 1
+  cfg.text.vocab_size = spm
+  cfg.generation.num_beams = cfg.generation.top_n = beams
+  rng = np.random.default_rng(seed)
+  sids = testing.synthetic_sids(rng, items, (codes,) * levels + (dedup,))  # distinct full SIDs
+  feats = rng.normal(size=(items, 8)).astype(np.float32)
+  feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+  tok = testing.SyntheticTokenizer(spm, levels, codes, dedup)
+  return cfg, sft.make_assets(cfg, tok, sids, feats, rq.prefix_buckets(sids, 1)[:3])

@@ -1,7 +1,7 @@
 """The TIGER-style `gr_sid` row (issue 20): prompts of full SIDs alone, a next-token-only loss
 and history exclusion inside the decoder; sigma and gr_id prompts as before.
 
-Synthetic catalogue and tokenizer (`generate.testing`), random-init tiny model: no work
+Synthetic catalogue and tokenizer (`conftest.synthetic_assets`), random-init tiny model: no work
 directory.
 """
 import jax
@@ -9,42 +9,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import demo
 from sigma_jax.data import text
 from sigma_jax.generate import generator as gen_lib
-from sigma_jax.generate import testing
-from sigma_jax.models import rq
 from sigma_jax.models import sigma as sigma_model
 from sigma_jax.train import sft
+
+from conftest import synthetic_assets
 
 LEVELS, CODES, DEDUP = 2, 4, 3  # 2 levels of 4 codes plus a de-duplication level of 3
 ITEMS = 40
 SPM = 1000
 
 
-def _catalogue():
-  rng = np.random.default_rng(0)
-  sids = testing.synthetic_sids(rng, ITEMS, (CODES,) * LEVELS + (DEDUP,))  # distinct full SIDs
-  feats = rng.normal(size=(ITEMS, 8)).astype(np.float32)
-  return sids, feats / np.linalg.norm(feats, axis=1, keepdims=True)
-
-
-def _cfg(mode: str):
-  cfg = demo.get_config("gr_sid" if mode == "gr_sid" else None)
-  cfg.generation.mode = mode
-  cfg.tokenizer.levels, cfg.tokenizer.codebook_size, cfg.tokenizer.prefix_len = LEVELS, CODES, 1
-  cfg.text.vocab_size = SPM
-  cfg.generation.num_beams = 10
-  cfg.generation.top_n = 10
-  return cfg
-
-
 def _assets(mode: str):
-  cfg = _cfg(mode)
-  sids, feats = _catalogue()
-  tok = testing.SyntheticTokenizer(SPM, LEVELS, CODES, DEDUP)
-  buckets = rq.prefix_buckets(sids, 1)[:3]
-  return cfg, sft.make_assets(cfg, tok, sids, feats, buckets)
+  return synthetic_assets(mode, items=ITEMS, levels=LEVELS, codes=CODES, dedup=DEDUP, spm=SPM)
 
 
 def _sid(tok, sids, item, levels):

@@ -2,7 +2,7 @@
 batches examples by history length (`evaluate.rank_examples`): a speed change that must not
 change any ranking.
 
-Synthetic catalogue and tokenizer (`generate.testing`), random-init tiny model: no work
+Synthetic catalogue and tokenizer (`conftest.synthetic_assets`), random-init tiny model: no work
 directory.
 """
 import types
@@ -11,32 +11,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import demo
 from sigma_jax.eval import evaluate
 from sigma_jax.generate import generator as gen_lib
-from sigma_jax.generate import testing
-from sigma_jax.models import rq
 from sigma_jax.train import sft
 
-LEVELS, CODES, DEDUP = 2, 4, 3
+from conftest import synthetic_assets
+
 ITEMS = 40
-SPM = 1000
 
 
 def _generator(mode: str, bucket: int):
-  cfg = demo.get_config("gr_sid" if mode == "gr_sid" else None)
-  cfg.generation.mode = mode
-  cfg.tokenizer.levels, cfg.tokenizer.codebook_size, cfg.tokenizer.prefix_len = LEVELS, CODES, 1
-  cfg.text.vocab_size = SPM
-  cfg.generation.num_beams = 10
-  cfg.generation.top_n = 10
+  cfg, assets = synthetic_assets(mode, items=ITEMS)
   cfg.generation.prompt_bucket = bucket
-  rng = np.random.default_rng(0)
-  sids = testing.synthetic_sids(rng, ITEMS, (CODES,) * LEVELS + (DEDUP,))
-  feats = rng.normal(size=(ITEMS, 8)).astype(np.float32)
-  feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-  tok = testing.SyntheticTokenizer(SPM, LEVELS, CODES, DEDUP)
-  assets = sft.make_assets(cfg, tok, sids, feats, rq.prefix_buckets(sids, 1)[:3])
   graphdef, params = nnx.split(sft._new_model(cfg, assets))
   return gen_lib.Generator(cfg, assets, graphdef, params)
 

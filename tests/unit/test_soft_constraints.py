@@ -2,21 +2,21 @@
 (`generation.constraints='soft'`), and the no-instruction baseline
 (`generation.instruction='none'`); the rows sigma_soft, sigma_no_instruction and popular_soft.
 
-Stub generators and a faked pipeline: no work directory, no model.
+Stub generators, a faked pipeline and a random-init tiny model: no work directory.
 """
 import os
 import types
 
 import numpy as np
+from flax import nnx
 
 from configs import base, demo
 from sigma_jax import experiment, utils
 from sigma_jax.eval import compare, evaluate
 from sigma_jax.generate import generator as gen_lib
-from sigma_jax.generate import testing
-from sigma_jax.models import rq
 from sigma_jax.train import sft
-from flax import nnx
+
+from conftest import synthetic_assets
 
 ITEMS = 40
 
@@ -61,15 +61,7 @@ def test_soft_ranking_passes_no_constraint_and_keeps_the_instruction():
 def test_soft_decoding_can_leave_the_constraint_hard_cannot():
   """A random tiny model asked for 5 of 40 items: under the hard filter every returned item is
   one of them; without it (soft) the lists hold others too, and an empty instruction decodes."""
-  cfg = demo.get_config()
-  cfg.tokenizer.levels, cfg.tokenizer.codebook_size, cfg.tokenizer.prefix_len = 2, 4, 1
-  cfg.text.vocab_size = 1000
-  cfg.generation.num_beams = cfg.generation.top_n = 10
-  rng = np.random.default_rng(0)
-  sids = testing.synthetic_sids(rng, ITEMS, (4, 4, 3))
-  feats = rng.normal(size=(ITEMS, 8)).astype(np.float32)
-  tok = testing.SyntheticTokenizer(1000, 2, 4, 3)
-  assets = sft.make_assets(cfg, tok, sids, feats, rq.prefix_buckets(sids, 1)[:3])
+  cfg, assets = synthetic_assets("sigma", items=ITEMS)
   graphdef, params = nnx.split(sft._new_model(cfg, assets))
   gen = gen_lib.Generator(cfg, assets, graphdef, params)
   hist = np.array([[-1, 20, 30], [-1, 25, 35]], np.int32)
