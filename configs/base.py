@@ -180,8 +180,9 @@ def base_config() -> ml_collections.ConfigDict:
   # stage's decoder when pretrain.use finds one, otherwise fresh), "pretrain" (the pretrain
   # stage's decoder; an error when that stage has not run), "scratch" (fresh, even after
   # pretrain) or "grounded" (the ground stage's text tower, DESIGN §2: its layers, norms and the
-  # SentencePiece rows of the embedding; SID rows, ProjFuse and q_proj start fresh). The
-  # default is to be chosen on Beauty's validation split.
+  # SentencePiece rows of the embedding; SID rows, ProjFuse and q_proj start fresh). Chosen on
+  # Beauty's validation split (docs/RESULTS.md): grounded .0220 N@10 against .0227 fresh, so
+  # the default starts fresh (auto, without a pretrain stage).
   c.sft.init = "auto"
   # Pack several examples to a row (attention kept inside each): the same loss over fewer rows.
   # It changes how fast a step runs, not what it computes, so it is not part of a run's recipe.
