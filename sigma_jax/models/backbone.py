@@ -36,6 +36,7 @@ the caller traces inside `parallel.activation_sharding(mesh, rules)`.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.struct
@@ -49,6 +50,23 @@ from sigma_jax.numerics import NEG_INF
 
 # Logical axes of the residual stream [B, T, D].
 ACT = ("batch", "length", "embed")
+
+
+def dense(x: jax.Array, w: jax.Array, contract: int = 1,
+          preferred_element_type=None) -> jax.Array:
+  """``x [..., *in] · w [*in, *out] -> [..., *out]``, as one 2-D matrix product.
+
+  The contraction of ``jnp.einsum`` over x's last ``contract`` axes and w's first, written as
+  ``[rows, in] @ [in, out]`` on the flattened leading axes. Given several leading (batch,
+  length) axes, XLA:CPU computes the weight gradient as a slow contraction over two dimensions:
+  on the SFT step's shapes an MLP's forward + backward took 2.9× longer than flattened
+  (``docs/PERFORMANCE.md``, "The backward pass"). Flattening is free on every backend.
+  """
+  lead = x.shape[:x.ndim - contract]
+  k = math.prod(w.shape[:contract])
+  y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1),
+                 preferred_element_type=preferred_element_type)
+  return y.reshape(lead + tuple(w.shape[contract:]))
 
 
 def _param(init, names: tuple[str | None, ...], key, shape: tuple[int, ...]) -> nnx.Param:
@@ -142,9 +160,9 @@ class Attention(nnx.Module):
     dt = self.dtype
     b, t, _ = x.shape
     x = x.astype(dt)
-    q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))  # [B, T, H, Dh]
-    k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))  # [B, T, KV, Dh]
-    v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))  # [B, T, KV, Dh]
+    q = dense(x, self.q_proj[...].astype(dt))  # [B, T, H, Dh]
+    k = dense(x, self.k_proj[...].astype(dt))  # [B, T, KV, Dh]
+    v = dense(x, self.v_proj[...].astype(dt))  # [B, T, KV, Dh]
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q = rope(q, positions, self.rope_theta)
@@ -165,7 +183,7 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)  # [B, T, KV, G, Dh]
     if shared is not None:
       out = self._attend_shared(q, k, v, mask, shared)  # [B, T, H, Dh]
-      out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))  # [B, T, D]
+      out = dense(out, self.o_proj[...].astype(dt), contract=2)  # [B, T, D]
       return out, new_cache
     if t == 1:
       # One query per row (decoding): as einsums these become B*KV tiny matrix products, which
@@ -174,8 +192,12 @@ class Attention(nnx.Module):
       scores = jnp.sum(q[:, 0, :, :, None, :].astype(jnp.float32) * kt,
                        axis=-1)[:, :, :, None, :] * self.head_dim ** -0.5  # [B, KV, G, 1, S]
     else:
-      scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                          preferred_element_type=jnp.float32) * self.head_dim ** -0.5
+      # One [G·T, Dh] x [Dh, S] product per (row, kv head): the G query heads of a kv head are
+      # stacked as rows. XLA:CPU runs this (and its backward) about 2x faster than the einsum
+      # with (g, t) as separate free axes ("The backward pass" in docs/PERFORMANCE.md).
+      qg = q.transpose(0, 2, 3, 1, 4).reshape(b, self.num_kv_heads, groups * t, self.head_dim)
+      scores = jnp.einsum("bkqd,bskd->bkqs", qg, k, preferred_element_type=jnp.float32)
+      scores = scores.reshape(b, self.num_kv_heads, groups, t, -1) * self.head_dim ** -0.5
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)  # [B, KV, G, T, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     if t == 1:
@@ -183,9 +205,10 @@ class Attention(nnx.Module):
       out = jnp.sum(probs[:, :, :, 0, :, None] * vt, axis=3)  # [B, KV, G, Dh]
       out = out.reshape(b, 1, self.num_heads, self.head_dim)
     else:
-      out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads,
-                                                               self.head_dim)
-    out = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt))  # [B, T, D]
+      out = jnp.einsum("bkqs,bskd->bkqd", probs.reshape(b, self.num_kv_heads, groups * t, -1), v)
+      out = out.reshape(b, self.num_kv_heads, groups, t, self.head_dim)
+      out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, self.num_heads, self.head_dim)
+    out = dense(out, self.o_proj[...].astype(dt), contract=2)  # [B, T, D]
     return out, new_cache
 
   def _attend_shared(self, q, k, v, mask, shared):
@@ -254,8 +277,8 @@ class MLP(nnx.Module):
     """Args: x [B, T, D]. Returns: [B, T, D]."""
     dt = self.dtype
     x = x.astype(dt)
-    h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))  # [B, T, F]
-    return h @ self.down[...].astype(dt)
+    h = jax.nn.silu(dense(x, self.gate[...].astype(dt))) * dense(x, self.up[...].astype(dt))
+    return dense(h, self.down[...].astype(dt))  # [B, T, D]; h is [B, T, F]
 
 
 class Block(nnx.Module):
@@ -489,10 +512,10 @@ class Decoder(nnx.Module):
     h = hidden.astype(self.dtype)
     if self.lm_head is None:
       w = self.embedding[...].astype(self.dtype)
-      out = jnp.einsum("btd,vd->btv", h, w, preferred_element_type=jnp.float32)
+      out = dense(h, w.T, preferred_element_type=jnp.float32)
     else:
       w = self.lm_head[...].astype(self.dtype)
-      out = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+      out = dense(h, w, preferred_element_type=jnp.float32)
     return parallel.constrain(out, ("batch", "length", "vocab"))
 
   def token_logits(self, hidden: jax.Array, ids: jax.Array) -> jax.Array:
@@ -511,9 +534,9 @@ class Decoder(nnx.Module):
     h = hidden.astype(self.dtype)
     if self.lm_head is None:
       w = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)  # [W, D]
-      return jnp.einsum("btd,wd->btw", h, w, preferred_element_type=jnp.float32)
+      return dense(h, w.T, preferred_element_type=jnp.float32)
     w = jnp.take(self.lm_head[...], ids, axis=1).astype(self.dtype)  # [D, W]
-    return jnp.einsum("btd,dw->btw", h, w, preferred_element_type=jnp.float32)
+    return dense(h, w, preferred_element_type=jnp.float32)
 
 
 def apply(graphdef: nnx.GraphDef, params: nnx.State, *args, method: str = "__call__",

@@ -16,6 +16,7 @@ from flax import nnx
 
 from sigma_jax import workdir as wd
 from sigma_jax.models import grounding
+from sigma_jax.models.backbone import dense
 
 
 def _param(init, names, key, shape):
@@ -45,8 +46,8 @@ class ProjFuse(nnx.Module):
   def __call__(self, feats: jax.Array) -> jax.Array:
     """Args: feats [..., F] frozen item features. Returns: v̂ [..., D], unit norm (unless
     ``normalize`` is off)."""
-    h = jax.nn.silu(feats @ self.w1[...] + self.b1[...])
-    v = h @ self.w2[...] + self.b2[...]
+    h = jax.nn.silu(dense(feats, self.w1[...]) + self.b1[...])
+    v = dense(h, self.w2[...]) + self.b2[...]
     return grounding.l2_normalize(v) if self.normalize else v
 
   def inject(self, v_hat: jax.Array) -> jax.Array:

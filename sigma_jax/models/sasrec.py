@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sigma_jax.models import backbone
+
 # The attention logit of a masked key: finite, so fully masked rows (padding queries) stay
 # NaN-free. Not `numerics.NEG_INF` (-1e30): this baseline keeps the value its reported numbers
 # were trained with.
@@ -34,6 +36,12 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return x
   keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+def _rows(linear: nnx.Linear, x: jax.Array) -> jax.Array:
+  """``linear`` over x's last axis, applied to the flattened [rows, D] (``backbone.dense``: the
+  weight gradient of a product over several leading axes is slow on XLA:CPU)."""
+  return linear(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1] + (-1,))
 
 
 class CausalSelfAttention(nnx.Module):
@@ -55,14 +63,14 @@ class CausalSelfAttention(nnx.Module):
     """Args: x [B, L, D]; key_valid [B, L] bool; rng dropout key or None. Returns [B, L, D]."""
     b, l, _ = x.shape
     split = lambda t: t.reshape(b, l, self.num_heads, self.head_dim)
-    q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))  # [B, L, H, Dh]
+    q, k, v = split(_rows(self.q, x)), split(_rows(self.k, x)), split(_rows(self.v, x))
     att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(self.head_dim).astype(x.dtype)
     causal = jnp.tril(jnp.ones((l, l), dtype=bool))  # [L, L]
     mask = causal[None, None] & key_valid[:, None, None, :]  # [B, 1, L, L]
     att = jax.nn.softmax(jnp.where(mask, att, MASKED_LOGIT), axis=-1)
     att = dropout(att, self.dropout_rate, rng)
     out = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, l, -1)  # [B, L, D]
-    return self.o(out)
+    return _rows(self.o, out)
 
 
 class Block(nnx.Module):
@@ -85,8 +93,8 @@ class Block(nnx.Module):
     """Args: x [B, L, D]; key_valid [B, L] bool; rng or None. Returns [B, L, D]."""
     r = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
     x = x + dropout(self.attn(self.ln1(x), key_valid, r[0]), self.dropout_rate, r[1])
-    h = dropout(jax.nn.relu(self.ff1(self.ln2(x))), self.dropout_rate, r[2])
-    return x + dropout(self.ff2(h), self.dropout_rate, r[3])
+    h = dropout(jax.nn.relu(_rows(self.ff1, self.ln2(x))), self.dropout_rate, r[2])
+    return x + dropout(_rows(self.ff2, h), self.dropout_rate, r[3])
 
 
 class SASRec(nnx.Module):
@@ -146,7 +154,7 @@ class SASRec(nnx.Module):
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Scores every item: [..., D] -> [..., N] (hidden · item table^T)."""
-    return jnp.einsum("...d,nd->...n", hidden, self.item_embeddings())
+    return backbone.dense(hidden, self.item_embeddings().T)
 
   def next_item_logits(self, items: jax.Array) -> jax.Array:
     """Full-ranking scores for the item after each history: [B, L'] -> [B, N]."""
