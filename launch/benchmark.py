@@ -10,6 +10,10 @@ Subcommands (add one by writing a `_<name>(argv) -> dict` function and listing i
 `SUBCOMMANDS`; flags are absl flags shared by all subcommands, each documented with the one
 that reads it):
 
+`matmul_layouts` (docs/PERFORMANCE.md "The backward pass"): forward and forward + backward
+of the decoder's SwiGLU MLP and attention core on one packed SFT batch's shapes, in the layouts
+the model uses (`backbone.dense`, grouped-query rows) and the einsum layouts it used before.
+
 `sft_layouts` (docs/PERFORMANCE.md "One-pass SFT"): per-position vs one-pass SFT batches:
 rows and real tokens per epoch, and step time; see `_sft_layouts`.
 
@@ -576,7 +580,73 @@ def _profile(argv: Sequence[str]) -> dict:
       wall_s=time.perf_counter() - t_start)
 
 
+def _matmul_layouts(argv: Sequence[str]) -> dict:
+  """The `matmul_layouts` benchmark: forward and forward + backward of the decoder's MLP and
+  attention core in the layout the model uses now and the einsum layout it used before
+  (docs/PERFORMANCE.md "The backward pass"), on one packed SFT batch's shapes."""
+  del argv
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from configs import beauty
+  from sigma_jax import profile
+  from sigma_jax.models import backbone
+  cfg = _CONFIG() if _CONFIG() is not None else beauty.get_config()
+  m = cfg.model
+  b, t, d, f = int(cfg.sft.batch_size) // 2, int(cfg.sft.max_len), int(m.d_model), int(m.mlp_dim)
+  kv, dh = int(m.num_kv_heads), int(m.head_dim)
+  g = int(m.num_heads) // kv
+  r = np.random.default_rng(_SEED.value)
+  arr = lambda *shape: jnp.asarray(r.normal(size=shape) * 0.05, jnp.float32)
+  x, ws = arr(b, t, d), (arr(d, f), arr(d, f), arr(f, d))
+  q, k, v = arr(b, t, kv, g, dh), arr(b, t, kv, dh), arr(b, t, kv, dh)
+  causal = jnp.tril(jnp.ones((t, t), bool))
+
+  def mlp_einsum(x, w1, w2, w3):  # products over [B, T, D]
+    return (jax.nn.silu(x @ w1) * (x @ w2)) @ w3
+
+  def mlp_dense(x, w1, w2, w3):  # backbone.MLP's products
+    return backbone.dense(jax.nn.silu(backbone.dense(x, w1)) * backbone.dense(x, w2), w3)
+
+  def attend(scores, v_fn):
+    return v_fn(jax.nn.softmax(jnp.where(causal, scores, -1e30), axis=-1))
+
+  def attn_einsum(q, k, v):  # (g, t) as separate free axes
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k) * dh ** -0.5
+    return attend(s, lambda p: jnp.einsum("bkgts,bskd->btkgd", p, v))
+
+  def attn_grouped(q, k, v):  # backbone.Attention's layout: [G·T, Dh] rows per kv head
+    qg = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
+    s = jnp.einsum("bkqd,bskd->bkqs", qg, k).reshape(b, kv, g, t, t) * dh ** -0.5
+    return attend(s, lambda p: jnp.einsum("bkqs,bskd->bkqd", p.reshape(b, kv, g * t, t), v)
+                  .reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4))
+
+  fns, agree = {}, {}
+  for name, fn, args in (("mlp_einsum", mlp_einsum, (x,) + ws), ("mlp_dense", mlp_dense, (x,) + ws),
+                         ("attention_einsum", attn_einsum, (q, k, v)),
+                         ("attention_grouped", attn_grouped, (q, k, v))):
+    loss = lambda *a, fn=fn: jnp.sum(fn(*a) ** 2)
+    fwd = jax.jit(loss)
+    bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+    jax.block_until_ready((fwd(*args), bwd(*args)))  # compile outside the timing
+    fns[f"{name}/forward"] = lambda fwd=fwd, args=args: fwd(*args)
+    fns[f"{name}/forward_backward"] = lambda bwd=bwd, args=args: bwd(*args)
+    agree[name] = np.asarray(fn(*args))
+  seconds = profile.interleaved_medians(fns, max(5, _REPS.value))
+  return dict(
+      benchmark="matmul_layouts", machine=machine_info(),
+      setting=dict(config="configs/beauty.py" if _CONFIG() is None else "--config", rows=b,
+                   length=t, d_model=d, mlp_dim=f, kv_heads=kv, groups=g, head_dim=dh,
+                   reps=max(5, _REPS.value), timing="medians of interleaved rounds"),
+      ms={name: 1e3 * sec for name, sec in seconds.items()},
+      layouts_agree=bool(np.allclose(agree["mlp_einsum"], agree["mlp_dense"], atol=1e-5) and
+                         np.allclose(agree["attention_einsum"], agree["attention_grouped"],
+                                     atol=1e-5)))
+
+
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], dict]] = {"decode": _decode,
+                                                           "matmul_layouts": _matmul_layouts,
                                                            "profile": _profile,
                                                            "sft_layouts": _sft_layouts,
                                                            "sft_step": _sft_step}

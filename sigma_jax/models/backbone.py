@@ -59,8 +59,9 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1,
   The contraction of ``jnp.einsum`` over x's last ``contract`` axes and w's first, written as
   ``[rows, in] @ [in, out]`` on the flattened leading axes. Given several leading (batch,
   length) axes, XLA:CPU computes the weight gradient as a slow contraction over two dimensions:
-  on the SFT step's shapes an MLP's forward + backward took 2.9× longer than flattened
-  (``docs/PERFORMANCE.md``, "The backward pass"). Flattening is free on every backend.
+  on the SFT step's shapes an MLP's forward + backward took 2.3× longer than flattened
+  (``python -m launch.benchmark matmul_layouts``; ``docs/PERFORMANCE.md``, "The backward
+  pass"). The reshapes merge contiguous leading axes only.
   """
   lead = x.shape[:x.ndim - contract]
   k = math.prod(w.shape[:contract])
@@ -193,8 +194,8 @@ class Attention(nnx.Module):
                        axis=-1)[:, :, :, None, :] * self.head_dim ** -0.5  # [B, KV, G, 1, S]
     else:
       # One [G·T, Dh] x [Dh, S] product per (row, kv head): the G query heads of a kv head are
-      # stacked as rows. XLA:CPU runs this (and its backward) about 2x faster than the einsum
-      # with (g, t) as separate free axes ("The backward pass" in docs/PERFORMANCE.md).
+      # stacked as rows. XLA:CPU runs this with its backward about 1.5x faster than the einsum
+      # with (g, t) as separate free axes (`python -m launch.benchmark matmul_layouts`).
       qg = q.transpose(0, 2, 3, 1, 4).reshape(b, self.num_kv_heads, groups * t, self.head_dim)
       scores = jnp.einsum("bkqd,bskd->bkqs", qg, k, preferred_element_type=jnp.float32)
       scores = scores.reshape(b, self.num_kv_heads, groups, t, -1) * self.head_dim ** -0.5

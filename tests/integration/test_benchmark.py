@@ -136,3 +136,16 @@ def test_matmul_params_are_the_decoder_weights_but_embedding_and_norms():
   assert profile.decoder_matmul_params(m) == counted
   # Causal attention: a sequence of L tokens sees L(L+1)/2 keys.
   assert profile.attention_flops(m, [profile._causal_keys([3])]) == 4 * 2 * 4 * 8 * 6
+
+
+def test_matmul_layouts_times_both_layouts_and_they_agree():
+  out = _run_benchmark("matmul_layouts", "--config=configs/beauty.py:tiny", "--reps=1",
+                       timeout=120)
+  assert out["benchmark"] == "matmul_layouts"
+  assert set(out["ms"]) == {f"{n}/{p}" for n in ("mlp_einsum", "mlp_dense", "attention_einsum",
+                                                 "attention_grouped")
+                            for p in ("forward", "forward_backward")}
+  assert all(_positive(v) for v in out["ms"].values()), out["ms"]
+  # The two layouts compute the same function; only their speed may differ.
+  assert out["layouts_agree"] is True
+  assert out["setting"]["d_model"] > 0 and out["setting"]["groups"] >= 1
