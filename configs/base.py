@@ -214,6 +214,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.generation.prompt_bucket = 16
   c.generation.eval_tasks = ""  # comma-separated tasks to evaluate; empty: every available
   c.generation.eval_limit = 0  # evaluate at most this many examples per task and split; 0: all
+  # Which examples a limit (eval_limit, launch.compare --tau_limit, diagnose/plots --limit)
+  # keeps: "first" (file order; the users at the head of Amazon's files are not typical ones) or
+  # "random" (a uniform sample without replacement, drawn from eval_sample_seed, the task and the
+  # split, so every row and every run of one setting ranks the same examples).
+  c.generation.eval_sample = "first"
+  c.generation.eval_sample_seed = 0
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "rqkmeans"  # rqkmeans | rqvae

@@ -122,6 +122,9 @@ def validate(cfg, stages, workdir: str | None = None, devices=None) -> None:
     raise ValueError(f"generation.apf_fixed_sigma={fixed} fixes APF's σ, but APF does not run "
                      f"(generation.fuse={cfg.generation.fuse}, generation.mode="
                      f"{cfg.generation.mode!r})")
+  if cfg.generation.get("eval_sample", "first") not in ("first", "random"):
+    raise ValueError(f"generation.eval_sample must be 'first' or 'random', got "
+                     f"{cfg.generation.eval_sample!r}")
   if cfg.generation.get("constraints", "hard") not in ("hard", "soft"):
     raise ValueError(f"generation.constraints must be 'hard' or 'soft', got "
                      f"{cfg.generation.constraints!r}")

@@ -119,6 +119,7 @@ def run(cfg, workdir: str, rows=compare.ROWS, taus=compare.DEFAULT_TAUS, *,
     if base == "collab":
       if not select_only:  # its row is test metrics (and may re-score on test)
         out[row] = compare.collab_row(pcfg, workdir)
+        compare.collab_ranks(pcfg, workdir, row)  # for its paired interval against sigma
       continue
     res = run_row(cfg, workdir, row, taus, configure, tau_limit, select_only, fixed_taus)
     if select_only:

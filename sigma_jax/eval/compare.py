@@ -138,6 +138,38 @@ def stage_seconds(workdir: str, stages) -> float:
   return total
 
 
+def collab_ranks(cfg, workdir: str, row: str = "collab") -> dict:
+  """SASRec's per-example target ranks on JustForYou, for the paired bootstrap against sigma.
+
+  Ranks the JustForYou validation and test examples the generative rows rank (the same
+  examples, in the same order, ``generation.eval_limit`` and ``eval_sample`` applied alike)
+  with the collab stage's selected parameters, as ``cfg`` ranks (history excluded or not), and
+  writes them to WORKDIR/rows/<row>/eval/ranks.npz in the generative rows' layout.
+
+  Returns:
+    {"justforyou/<split>": [M] 0-based rank of the target in the top 20, -1 when absent}.
+  """
+  import numpy as np
+  from sigma_jax.data import loader, tasks as tasks_lib
+  from sigma_jax.eval import evaluate, metrics as M
+  from sigma_jax.train import collab
+
+  ds = loader.load_dataset(cfg, workdir)
+  graphdef, params, _ = collab.load_best(cfg, ds.num_items, workdir)
+  topk = collab.make_topk_fn(graphdef, max(collab.KS), collab.exclude_history(cfg))
+  limit = int(cfg.generation.eval_limit) or None
+  ranks = {}
+  for split in ("validation", "test"):
+    ex = tasks_lib.build_tasks(ds, cfg.tasks, split, tasks=["justforyou"])["justforyou"]
+    ex = evaluate.limit_examples(ex, limit, cfg.generation)
+    ranked = collab.ranked_lists(topk, params, ex.history, int(cfg.collab.max_len))
+    ranks[f"justforyou/{split}"] = M.target_rank(ranked, ex.target)
+  path = wd.path(row_dir(workdir, row), wd.EVAL_RANKS)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  utils.atomic_write(path, lambda f: np.savez(f, **ranks), "wb")
+  return ranks
+
+
 def collab_row(cfg, workdir: str) -> dict:
   """SASRec's row: its collab stage's validation and test metrics, ranked as ``cfg`` ranks."""
   r = utils.read_json(wd.path(workdir, wd.COLLAB_RESULT))
@@ -286,11 +318,13 @@ def write(cfg, result_: dict, out_dir: str, overwrite: bool = True) -> str:
 
 
 def paired(workdir: str, rows, reference: str = "sigma", k: int = 10) -> dict:
-  """Paired bootstrap of test NDCG@k, reference row minus each other generative row, per task.
+  """Paired bootstrap of test NDCG@k, reference row minus each other row, per task.
 
-  Uses each row's WORKDIR/rows/<row>/eval/ranks.npz (per-example target ranks). Rows evaluated
-  before ranks were saved are listed under "missing"; re-running their eval stage adds them. An
-  ``@all_items`` row is compared with ``<reference>@all_items`` (the same protocol).
+  Uses each row's WORKDIR/rows/<row>/eval/ranks.npz (per-example target ranks; collab's are
+  written by ``collab_ranks``, JustForYou only). Rows without them (evaluated before ranks were
+  saved) are listed under "missing"; re-running the comparison with the row adds them (for a
+  generative row, after deleting its eval/). An ``@all_items`` row is compared with
+  ``<reference>@all_items`` (the same protocol).
   """
   import numpy as np
   from sigma_jax.eval import metrics as M
@@ -311,7 +345,7 @@ def paired(workdir: str, rows, reference: str = "sigma", k: int = 10) -> dict:
   for row in rows:
     suffix = ALL_ITEMS if row.endswith(ALL_ITEMS) else ""
     ref = refs.get(suffix)
-    if row in (reference + suffix, "collab" + suffix) or ref is None:
+    if row == reference + suffix or ref is None:
       continue
     other = load(row)
     if other is None:
@@ -347,7 +381,8 @@ def paired_markdown(paired: dict) -> str:
     lines.append(f"| {row} | " + " | ".join(cells) + " |")
   if paired["missing"]:
     lines += ["", f"No per-example ranks for: {', '.join(paired['missing'])} (evaluated before "
-                  "eval/ranks.npz existed; delete the row's eval/ and re-run to add it)."]
+                  "eval/ranks.npz existed; re-run the comparison with the row, after deleting a "
+                  "generative row's eval/, to add it)."]
   return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,8 @@ list's share of invalid entries (unknown item, padding, duplicate) is reported a
 """
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 from tqdm import tqdm
 
@@ -49,6 +51,38 @@ def rank_examples(gen: gen_lib.Generator, ex, batch_size: int, tau: float | None
     ranked = gen.recommend(ex.history[padded], texts, allowed, tau=tau)
     out[rows] = np.asarray(ranked.items)[:len(rows)]
   return out
+
+
+def limit_examples(ex, limit: int | None, g=None):
+  """At most ``limit`` of a task's examples (None: all of them), chosen as the generation config
+  ``g`` says (``generation.eval_sample``; None: "first").
+
+  "first": the first ``limit`` in file order. "random": a uniform sample without replacement,
+  kept in file order, drawn from (``g.eval_sample_seed``, the task, the split): the same
+  examples for every system ranked on that setting, so paired comparisons stay paired.
+  """
+  n = len(ex.target)
+  if limit is None or limit >= n:
+    return ex
+  sample = "first" if g is None else g.get("eval_sample", "first")
+  if sample == "first":
+    rows = np.arange(limit)
+  elif sample == "random":
+    rng = np.random.default_rng([int(g.get("eval_sample_seed", 0)),
+                                 zlib.crc32(ex.task.encode()), zlib.crc32(ex.split.encode())])
+    rows = np.sort(rng.choice(n, size=int(limit), replace=False))
+  else:
+    raise ValueError(f"generation.eval_sample must be 'first' or 'random', got {sample!r}")
+  return ex.subset(rows)
+
+
+def sample_description(limit: int | None, g) -> str:
+  """How ``limit_examples`` picks a task's examples under generation config ``g``, in words."""
+  if limit is None:
+    return "all"
+  if g.get("eval_sample", "first") == "random":
+    return f"random {limit} (seed {int(g.eval_sample_seed)})"
+  return f"first {limit}"
 
 
 def task_metrics(ranked: np.ndarray, ex, ds: loader.Dataset, extras: dict) -> dict:
@@ -97,7 +131,8 @@ def evaluate(cfg, ds, gen, splits=("validation", "test"), task_names=None, tau=N
     for name, ex in built.items():
       if not len(ex.target):
         continue
-      ranked = rank_examples(gen, ex, int(cfg.generation.eval_batch), tau, limit, progress,
+      ex = limit_examples(ex, limit, cfg.generation)
+      ranked = rank_examples(gen, ex, int(cfg.generation.eval_batch), tau, None, progress,
                              hard=cfg.generation.constraints == "hard",
                              instruction=cfg.generation.instruction == "given")
       results.setdefault(name, {})[split] = task_metrics(ranked, ex, ds, extras)

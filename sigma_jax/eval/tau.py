@@ -2,14 +2,16 @@
 (``sigma_jax.eval.compare``), the accuracy–diversity figure (``sigma_jax.plots``) and the
 decoding diagnostics (``sigma_jax.eval.diagnostics``).
 
-Each τ ranks every task's first ``limit`` validation examples with the trained generator and
+Each τ ranks ``limit`` validation examples of every task (the first ones, or a seeded random
+sample with ``generation.eval_sample="random"``) with the trained generator and
 keeps the task's metrics (those of ``sigma_jax.eval.evaluate``, plus category coverage@10 on
 every task). Results are cached in ``WORKDIR/tau_sweep.json``, one entry per sweep setting:
 
   {"sweeps": [{"settings": {"split": "validation", "examples_per_task": "all" | M,
                             "tasks": "all" | [names], "mode", "fuse", "num_beams", "top_m",
                             "top_n", "exclude_history", "sft_step"
-                            (+ "apf_fixed_sigma" when σ is fixed)},
+                            (+ "apf_fixed_sigma" when σ is fixed,
+                            + "sample_seed" for a random sample of M)},
                "metrics": {"<τ>": {task: metrics}},   # every τ evaluated so far
                "wall_time_s": seconds spent on this entry, over all runs}]}
 
@@ -50,6 +52,8 @@ def settings(cfg, workdir: str, limit: int | None = None, tasks=None) -> dict:
          "exclude_history": bool(cfg.dataset.exclude_history), "sft_step": sft_step(workdir)}
   if float(g.apf_fixed_sigma) > 0:  # absent when adaptive: earlier caches keep their keys
     out["apf_fixed_sigma"] = float(g.apf_fixed_sigma)
+  if limit is not None and g.get("eval_sample", "first") == "random":  # absent for "first"
+    out["sample_seed"] = int(g.eval_sample_seed)
   return out
 
 
@@ -64,14 +68,16 @@ def _evaluate(cfg, generator, taus, limit, tasks) -> dict:
   extras = {"membership": membership,
             "tail": tasks_lib.tail_items(ds.splits, cfg.tasks.longtail_head_share)}
   built = tasks_lib.build_tasks(ds, cfg.tasks, "validation", tasks=tasks)
-  batch = int(cfg.generation.eval_batch)
+  g = cfg.generation
+  batch = int(g.eval_batch)
   out = {}
   for tau in taus:
     res = out.setdefault(key(tau), {})
     for name, ex in built.items():
       if not len(ex.target):
         continue
-      ranked = E.rank_examples(gen, ex, batch, tau=float(tau), limit=limit)
+      ex = E.limit_examples(ex, limit, g)
+      ranked = E.rank_examples(gen, ex, batch, tau=float(tau))
       m = E.task_metrics(ranked, ex, ds, extras)
       if "category_coverage@10" not in m:  # the trade-off figure wants it on every task
         m["category_coverage@10"] = M.category_coverage(ranked[:, :10], membership,
@@ -88,7 +94,7 @@ def sweep(cfg, workdir: str, taus, limit: int | None = None, tasks=None, generat
     cfg: the config the model in ``workdir`` was trained with (its generation settings rank).
     workdir: a work directory with a finished SFT stage.
     taus: the τ values (numbers or strings).
-    limit: validation examples per task (the first ones); None: all.
+    limit: validation examples per task (which ones: ``generation.eval_sample``); None: all.
     tasks: task names; None: every task the data allows.
     generator: a loaded ``(dataset, Generator, step)`` to reuse; loaded from ``workdir`` only
       when a τ has to be evaluated.

@@ -30,7 +30,7 @@ def run(cfg, workdir: str) -> dict:
                                  "decode against the tables of the allowed items",
                       "history_items": "never returned" if gen.exclude_history
                                        else "ranked like any other item",
-                      "examples_per_task": "all" if limit is None else f"first {limit}",
+                      "examples_per_task": evaluate.sample_description(limit, g),
                       "num_beams": int(g.num_beams), "top_m": int(g.top_m),
                       "top_n": int(g.top_n), "apf_tau": float(g.apf_tau),
                       "invalid_or_duplicate_items": "impossible by construction; measured as "

@@ -179,6 +179,13 @@ def evaluate(topk_fn, params, hist: np.ndarray, target: np.ndarray, max_len: int
   (``make_topk_fn(..., exclude_history=True)`` excludes the last ``max_len`` of them, the ones the
   model sees).
   """
+  return ranking_metrics(ranked_lists(topk_fn, params, hist, max_len), target, KS,
+                         num_items=num_items)
+
+
+def ranked_lists(topk_fn, params, hist: np.ndarray, max_len: int) -> np.ndarray:
+  """[U, max(KS)] item indices, best first, for histories ``hist`` [U, H] (the model reads the
+  last ``max_len`` items of each)."""
   hist = np.asarray(hist)[:, -max_len:]
   ranked = []
   rows = max(1, min(EVAL_BATCH, len(hist)))
@@ -186,8 +193,7 @@ def evaluate(topk_fn, params, hist: np.ndarray, target: np.ndarray, max_len: int
     chunk = hist[start:start + rows]
     out = np.asarray(topk_fn(params, _pad_rows(chunk, rows)))
     ranked.append(out[:len(chunk)])
-  ranked = np.concatenate(ranked) if ranked else np.zeros((0, max(KS)), np.int32)
-  return ranking_metrics(ranked, target, KS, num_items=num_items)
+  return np.concatenate(ranked) if ranked else np.zeros((0, max(KS)), np.int32)
 
 
 def _state_fns(n: int, ccfg, seed: int, tx):

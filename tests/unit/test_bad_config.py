@@ -41,6 +41,8 @@ def test_shipped_configs_are_valid(module, arg):
     (dict(generation__apf_fixed_sigma=-1.0), r"generation\.apf_fixed_sigma=-1\.0 is negative"),
     (dict(generation__constraints="loose"), r"generation\.constraints must be 'hard' or 'soft'"),
     (dict(generation__instruction="empty"), r"generation\.instruction must be 'given' or 'none'"),
+    (dict(generation__eval_sample="head"),
+     r"generation\.eval_sample must be 'first' or 'random', got 'head'"),
     (dict(generation__prompt_bucket=-8), r"generation\.prompt_bucket=-8 is negative"),
     (dict(generation__apf_fixed_sigma=1.0, generation__fuse=False),
      r"apf_fixed_sigma=1\.0 fixes APF's σ, but APF does not run \(generation\.fuse=False"),

@@ -88,7 +88,8 @@ def test_paired_bootstrap_between_rows(tmp_path):
   save("gr_id", **{"justforyou/test": np.full(n, -1), "query/test": np.arange(n) % 12})
   rows = {"collab": {}, "sigma": {}, "gr_id": {}, "gr_sid": {}}
   out = compare.paired(str(tmp_path), rows)
-  assert out["missing"] == ["gr_sid"]  # no ranks.npz: listed, not silently dropped
+  # No ranks.npz: listed, not silently dropped (collab's come from compare.collab_ranks).
+  assert out["missing"] == ["collab", "gr_sid"]
   assert set(out["rows"]) == {"gr_id"} and set(out["rows"]["gr_id"]) == {"justforyou", "query"}
   jfy = out["rows"]["gr_id"]["justforyou"]
   hit = (sigma_jfy >= 0) & (sigma_jfy < 10)
@@ -99,7 +100,7 @@ def test_paired_bootstrap_between_rows(tmp_path):
   line = next(x for x in md.splitlines() if x.startswith("| gr_id"))
   assert f"+{want:.4f}*" in line  # significant: starred
   assert "+0.0000 [+0.0000, +0.0000]" in line  # identical: no star
-  assert "No per-example ranks for: gr_sid" in md
+  assert "No per-example ranks for: collab, gr_sid" in md
 
 
 def test_selection_table_marks_the_chosen_tau():
@@ -167,6 +168,18 @@ def test_tau_sweep_cache_follows_the_grid(tmp_path, monkeypatch):
   assert calls == [(0.003, None)]
   sweeps = utils.read_json(str(tmp_path / tau.CACHE))["sweeps"]
   assert [e["settings"].get("apf_fixed_sigma") for e in sweeps] == [None, None, None, 1.0]
+  # A seeded random sample of validation examples is another sweep, keyed by its seed; with no
+  # limit there is nothing to sample and the key stays that of "all".
+  calls.clear()
+  cfg.generation.eval_sample = "random"
+  compare.select_tau(cfg, str(tmp_path), ["0.003"])
+  assert calls == []
+  for seed in (0, 1):
+    cfg.generation.eval_sample_seed = seed
+    compare.select_tau(cfg, str(tmp_path), ["0.003"], tau_limit=100)
+  assert calls == [(0.003, 100), (0.003, 100)]
+  sweeps = utils.read_json(str(tmp_path / tau.CACHE))["sweeps"]
+  assert [e["settings"].get("sample_seed") for e in sweeps][-2:] == [0, 1]
 
 
 def test_fixed_sigma_row_sweeps_its_own_grid(tmp_path, monkeypatch):
@@ -409,7 +422,8 @@ def test_all_items_rows_pair_with_sigma_at_all_items(tmp_path):
   rows = {r: {} for r in ("collab", "sigma", "gr_id", "collab@all_items", "sigma@all_items",
                           "gr_id@all_items")}
   out = compare.paired(str(tmp_path), rows)
-  assert set(out["rows"]) == {"gr_id", "gr_id@all_items"} and not out["missing"]
+  assert set(out["rows"]) == {"gr_id", "gr_id@all_items"}
+  assert out["missing"] == ["collab", "collab@all_items"]
   assert out["rows"]["gr_id"]["justforyou"]["diff"] > 0  # against sigma
   assert out["rows"]["gr_id@all_items"]["justforyou"]["diff"] == 0.0  # against sigma@all_items
   assert "sigma@all_items" in compare.paired_markdown(out).splitlines()[0]
