@@ -617,10 +617,8 @@ def _matmul_layouts(argv: Sequence[str]) -> dict:
     return attend(s, lambda p: jnp.einsum("bkgts,bskd->btkgd", p, v))
 
   def attn_grouped(q, k, v):  # backbone.Attention's layout: [G·T, Dh] rows per kv head
-    qg = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
-    s = jnp.einsum("bkqd,bskd->bkqs", qg, k).reshape(b, kv, g, t, t) * dh ** -0.5
-    return attend(s, lambda p: jnp.einsum("bkqs,bskd->bkqd", p.reshape(b, kv, g * t, t), v)
-                  .reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4))
+    s = backbone.grouped_scores(q, k) * dh ** -0.5
+    return attend(s, lambda p: backbone.grouped_values(p, v))
 
   fns, agree = {}, {}
   for name, fn, args in (("mlp_einsum", mlp_einsum, (x,) + ws), ("mlp_dense", mlp_dense, (x,) + ws),

@@ -70,6 +70,25 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1,
   return y.reshape(lead + tuple(w.shape[contract:]))
 
 
+# Grouped-query attention as one [G·T, Dh] x [Dh, S] product per (row, kv head): the G query
+# heads of a kv head are stacked as rows. XLA:CPU runs this, backward included, about 1.5x
+# faster than einsums with (g, t) as separate free axes (`python -m launch.benchmark
+# matmul_layouts`).
+def grouped_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+  """q [B, T, KV, G, Dh], k [B, S, KV, Dh] -> unscaled f32 scores [B, KV, G, T, S]."""
+  b, t, kv, g, dh = q.shape
+  qg = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)
+  scores = jnp.einsum("bkqd,bskd->bkqs", qg, k, preferred_element_type=jnp.float32)
+  return scores.reshape(b, kv, g, t, -1)
+
+
+def grouped_values(probs: jax.Array, v: jax.Array) -> jax.Array:
+  """probs [B, KV, G, T, S], v [B, S, KV, Dh] -> [B, T, KV, G, Dh]."""
+  b, kv, g, t, s = probs.shape
+  out = jnp.einsum("bkqs,bskd->bkqd", probs.reshape(b, kv, g * t, s), v)
+  return out.reshape(b, kv, g, t, -1).transpose(0, 3, 1, 2, 4)
+
+
 def _param(init, names: tuple[str | None, ...], key, shape: tuple[int, ...]) -> nnx.Param:
   # Eager sharding off: the module builds anywhere (tests, CPU, inside eval_shape); placement
   # is done by parallel.init_sharded via jit out_shardings.
@@ -193,12 +212,7 @@ class Attention(nnx.Module):
       scores = jnp.sum(q[:, 0, :, :, None, :].astype(jnp.float32) * kt,
                        axis=-1)[:, :, :, None, :] * self.head_dim ** -0.5  # [B, KV, G, 1, S]
     else:
-      # One [G·T, Dh] x [Dh, S] product per (row, kv head): the G query heads of a kv head are
-      # stacked as rows. XLA:CPU runs this with its backward about 1.5x faster than the einsum
-      # with (g, t) as separate free axes (`python -m launch.benchmark matmul_layouts`).
-      qg = q.transpose(0, 2, 3, 1, 4).reshape(b, self.num_kv_heads, groups * t, self.head_dim)
-      scores = jnp.einsum("bkqd,bskd->bkqs", qg, k, preferred_element_type=jnp.float32)
-      scores = scores.reshape(b, self.num_kv_heads, groups, t, -1) * self.head_dim ** -0.5
+      scores = grouped_scores(q, k) * self.head_dim ** -0.5
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)  # [B, KV, G, T, S]
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     if t == 1:
@@ -206,9 +220,7 @@ class Attention(nnx.Module):
       out = jnp.sum(probs[:, :, :, 0, :, None] * vt, axis=3)  # [B, KV, G, Dh]
       out = out.reshape(b, 1, self.num_heads, self.head_dim)
     else:
-      out = jnp.einsum("bkqs,bskd->bkqd", probs.reshape(b, self.num_kv_heads, groups * t, -1), v)
-      out = out.reshape(b, self.num_kv_heads, groups, t, self.head_dim)
-      out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, self.num_heads, self.head_dim)
+      out = grouped_values(probs, v).reshape(b, t, self.num_heads, self.head_dim)
     out = dense(out, self.o_proj[...].astype(dt), contract=2)  # [B, T, D]
     return out, new_cache
 
