@@ -238,10 +238,14 @@ def model_row(res: dict, per_task: bool) -> dict:
 
 
 def is_per_task(cfg) -> bool:
-  """Whether the tables report every task (format movielens: MovieLens, the demo) or
-  JustForYou alone (the Amazon formats)."""
+  """Whether the tables report every task: format movielens (MovieLens, the demo), or any
+  dataset evaluated on more than JustForYou (``generation.eval_tasks``, e.g. the Amazon
+  ``:multitask`` variant). Otherwise (an Amazon next-item comparison) JustForYou alone."""
   from sigma_jax.data import raw
-  return raw.resolve_format(cfg.dataset.name, cfg.dataset.format) == "movielens"
+  from sigma_jax.train import sft
+  if raw.resolve_format(cfg.dataset.name, cfg.dataset.format) == "movielens":
+    return True
+  return sft.task_list(cfg.generation.eval_tasks) != ["justforyou"]
 
 
 def result(cfg, workdir: str, rows: dict, timing: dict, command: str) -> dict:
@@ -259,8 +263,8 @@ def result(cfg, workdir: str, rows: dict, timing: dict, command: str) -> dict:
                         "(dataset.exclude_history; the share of interactions that repeat an "
                         "earlier item is data/stats.json's repeat_share)"
                         if cfg.dataset.exclude_history else "history items ranked like any other"),
-          "task": "per task (all seven where the data allows)" if per_task else
-                  "JustForYou (next item), one example per user",
+          "task": (f"per task: {cfg.generation.eval_tasks or 'every task the data allows'}"
+                   if per_task else "JustForYou (next item), one example per user"),
           "num_beams": int(g.num_beams), "top_m": int(g.top_m), "top_n": int(g.top_n),
           "invalid_or_duplicate_items": "impossible by construction (trie-constrained decoding, "
                                         "one bucket per item); measured as invalid_share",
@@ -327,7 +331,6 @@ def paired(workdir: str, rows, reference: str = "sigma", k: int = 10) -> dict:
   ``<reference>@all_items`` (the same protocol).
   """
   import numpy as np
-  from sigma_jax.eval import metrics as M
 
   def load(row):
     path = wd.path(row_dir(workdir, row), wd.EVAL_RANKS)
@@ -351,12 +354,78 @@ def paired(workdir: str, rows, reference: str = "sigma", k: int = 10) -> dict:
     if other is None:
       out["missing"].append(row)
       continue
-    for key in sorted(ref):
-      task, split = key.split("/")
-      if split == "test" and key in other and len(ref[key]) == len(other[key]):
-        out["rows"].setdefault(row, {})[task] = M.paired_bootstrap(
-            M.ndcg_per_example(ref[key], k), M.ndcg_per_example(other[key], k))
+    per_task = paired_ranks(ref, other, k)
+    if per_task:
+      out["rows"][row] = per_task
   return out
+
+
+def paired_ranks(ref: dict, other: dict, k: int = 10, split: str = "test") -> dict:
+  """{task: paired bootstrap of NDCG@k, ref minus other} for every ``<task>/<split>`` both
+  ``ranks.npz`` dicts hold over the same number of examples."""
+  from sigma_jax.eval import metrics as M
+
+  out = {}
+  for key in sorted(ref):
+    task, s = key.split("/")
+    if s == split and key in other and len(ref[key]) == len(other[key]):
+      out[task] = M.paired_bootstrap(M.ndcg_per_example(ref[key], k),
+                                     M.ndcg_per_example(other[key], k))
+  return out
+
+
+def paired_runs(reference_dir: str, other_dir: str, k: int = 10, split: str = "test") -> dict:
+  """Paired bootstrap between two evaluated row directories of different runs (e.g. the
+  multi-task sigma against the single-task one), ``paired``'s block for one row.
+
+  Both directories must rank the same examples: their data stages must have been run under the
+  same recipe (``data/recipe.json``), and a task is compared only where both hold its ranks over
+  the same number of examples (``generation.eval_limit`` and ``eval_sample`` alike).
+
+  Raises:
+    FileNotFoundError naming a directory without eval/ranks.npz; ValueError when the data
+      recipes differ (naming the keys) or when the two share no task of ``split``.
+  """
+  import numpy as np
+
+  loaded = []
+  for d in (reference_dir, other_dir):
+    path = wd.path(d, wd.EVAL_RANKS)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} not found: {d} has not been evaluated (run its eval "
+                              "stage, or launch.compare with its row)")
+    loaded.append(dict(np.load(path)))
+  recipes = [utils.read_json(wd.recipe_path(d, "data")) if os.path.exists(
+      wd.recipe_path(d, "data")) else None for d in (reference_dir, other_dir)]
+  if None in recipes:
+    missing = (reference_dir, other_dir)[recipes.index(None)]
+    raise ValueError(f"{wd.recipe_path(missing, 'data')} not found: cannot tell whether the two "
+                     "runs rank the same examples")
+  diff = sorted(key for key in set(recipes[0]) | set(recipes[1])
+                if recipes[0].get(key) != recipes[1].get(key))
+  if diff:
+    raise ValueError(f"{reference_dir} and {other_dir} were built from different data "
+                     f"(data recipe keys differ: {', '.join(diff)}); their examples do not pair")
+  per_task = paired_ranks(*loaded, k=k, split=split)
+  if not per_task:
+    raise ValueError(f"{reference_dir} and {other_dir} share no task with {split} ranks over the "
+                     "same number of examples")
+  return {"reference": reference_dir, "other": other_dir, "metric": f"ndcg@{k}", "split": split,
+          "resamples": 2000, "interval": "95% percentile bootstrap over examples, paired",
+          "tasks": per_task}
+
+
+def paired_runs_markdown(result: dict) -> str:
+  """The Markdown of a ``paired_runs`` result: one line per task."""
+  lines = [f"{result['reference']} minus {result['other']}: {result['split']} "
+           f"{result['metric'].upper()}, {result['interval']} ({result['resamples']} resamples; "
+           "* the interval excludes 0)", "", "| task | difference [95% interval] | examples |",
+           "|---|---|---|"]
+  for task, c in result["tasks"].items():
+    star = "*" if c["ci95_low"] > 0 or c["ci95_high"] < 0 else ""
+    lines.append(f"| {task} | {c['diff']:+.4f}{star} [{c['ci95_low']:+.4f}, "
+                 f"{c['ci95_high']:+.4f}] | {c['num_examples']} |")
+  return "\n".join(lines) + "\n"
 
 
 def paired_markdown(paired: dict) -> str:
@@ -409,7 +478,7 @@ def markdown(name: str, rows: dict, per_task: bool) -> str:
     for row, r in rows.items():
       lines.append(f"| {row} | " + " | ".join(f"{r['test'][k]:.4f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
-  keys = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@10")
+  keys = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20")  # NDCG@1 = HR@1
   extra = ("constraint_satisfaction@10", "category_coverage@10", "intra_list_diversity@10",
            "long_tail_share@10")
   tasks = sorted({t for r in rows.values() if isinstance(r.get("test"), dict)

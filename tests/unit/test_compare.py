@@ -12,7 +12,8 @@ from sigma_jax.eval import compare
 
 def _m(hr10, ndcg10, n, **extra):
   return dict({"hr@1": hr10 / 4, "hr@5": hr10 / 2, "hr@10": hr10, "hr@20": hr10 * 1.5,
-               "ndcg@10": ndcg10, "num_examples": n}, **extra)
+               "ndcg@5": ndcg10 / 2, "ndcg@10": ndcg10, "ndcg@20": ndcg10 * 1.25,
+               "num_examples": n}, **extra)
 
 
 def _rows():
@@ -51,8 +52,10 @@ def test_per_task_tables_and_mean():
   assert summary["gr_id"] == ["0.4000", "0.2750", "0.1750"]
   jfy = {r[0]: r[1:] for r in _table(md, "## justforyou (50 test examples)")}
   assert set(jfy) == {"collab", "sigma", "gr_id"}  # SASRec is a next-item model: JustForYou
-  assert jfy["collab"] == ["0.0100", "0.0500", "0.2000", "0.3000", "0.1100"]
-  assert jfy["sigma"][2] == "0.3000"
+  # HR@{1,5,10,20}, NDCG@{5,10,20}; collab's test dict here has no NDCG@5/@20: shown missing.
+  assert jfy["collab"] == ["0.0100", "0.0500", "0.2000", "0.3000", "—", "0.1100", "—"]
+  assert jfy["sigma"][:7] == ["0.0750", "0.1500", "0.3000", "0.4500", "0.0750", "0.1500",
+                              "0.1875"]
   query = {r[0]: r[1:] for r in _table(md, "## query (40 test examples)")}
   assert set(query) == {"sigma", "gr_id"}
   assert query["sigma"][-1] == "1.0000"
@@ -429,6 +432,19 @@ def test_all_items_rows_pair_with_sigma_at_all_items(tmp_path):
   assert "sigma@all_items" in compare.paired_markdown(out).splitlines()[0]
 
 
+def test_tables_are_per_task_when_more_than_justforyou_is_evaluated():
+  """An Amazon next-item comparison reports JustForYou alone; its `:multitask` variant and
+  MovieLens report every task."""
+  from configs import beauty, movielens
+
+  assert not compare.is_per_task(beauty.get_config())
+  assert compare.is_per_task(beauty.get_config("multitask"))
+  c = beauty.get_config()
+  c.generation.eval_tasks = "category,query"
+  assert compare.is_per_task(c)
+  assert compare.is_per_task(movielens.get_config())
+
+
 def test_multitask_variant_changes_only_the_task_lists():
   """`:multitask` trains and evaluates every task the data allow; nothing else changes."""
   from configs import beauty, scientific
@@ -442,3 +458,41 @@ def test_multitask_variant_changes_only_the_task_lists():
   # It combines with a row: the multi-task gr_id.
   c = beauty.get_config("multitask,gr_id")
   assert c.sft.tasks == "" and c.generation.mode == "gr_id"
+
+
+def test_paired_runs_pairs_two_work_directories(tmp_path, monkeypatch):
+  """compare.paired_runs (launch.paired): two rows of different runs on the same data pair task by task; different
+  data, or a row never evaluated, is an error naming it."""
+  import numpy as np
+
+  from sigma_jax import workdir as wd
+
+  def row(name, data, **ranks):
+    d = tmp_path / name
+    os.makedirs(d / "eval")
+    os.makedirs(d / "data")
+    np.savez(d / "eval" / "ranks.npz", **ranks)
+    utils.write_json(wd.recipe_path(str(d), "data"), data)
+    return str(d)
+
+  data = {"dataset.name": "beauty", "seed": 0}
+  n = 200
+  multi = row("multi", data, **{"justforyou/test": np.zeros(n, int),
+                                "category/test": np.zeros(50, int)})
+  single = row("single", data, **{"justforyou/test": np.full(n, -1),
+                                  "justforyou/validation": np.zeros(10, int)})
+  out = compare.paired_runs(multi, single)
+  assert set(out["tasks"]) == {"justforyou"}  # the only task both evaluated
+  assert out["tasks"]["justforyou"]["diff"] == 1.0 and out["tasks"]["justforyou"]["ci95_low"] > 0
+  assert out["tasks"]["justforyou"]["num_examples"] == n
+  assert "| justforyou | +1.0000* [+1.0000, +1.0000] | 200 |" in compare.paired_runs_markdown(out)
+
+  other = row("other", dict(data, seed=1), **{"justforyou/test": np.zeros(n, int)})
+  with pytest.raises(ValueError, match="different data .*seed"):
+    compare.paired_runs(multi, other)
+  short = row("short", data, **{"justforyou/test": np.zeros(n - 1, int)})
+  with pytest.raises(ValueError, match="share no task"):
+    compare.paired_runs(multi, short)
+  os.makedirs(tmp_path / "untrained")
+  with pytest.raises(FileNotFoundError, match="untrained.*not been evaluated"):
+    compare.paired_runs(multi, str(tmp_path / "untrained"))
