@@ -274,7 +274,9 @@ def result(cfg, workdir: str, rows: dict, timing: dict, command: str) -> dict:
                                       "ranked, history items included; τ chosen on validation "
                                       "under it; collab@all_items re-ranks with the parameters of "
                                       "the epoch collab selected under its own run's protocol",
-          "sft": {"epochs": float(cfg.sft.epochs), "tasks": cfg.sft.tasks or "all available",
+          # sft.steps > 0 fixes the run's length; sft.epochs is then unused.
+          "sft": {"epochs": float(cfg.sft.epochs), "steps": int(cfg.sft.steps),
+                  "layout": str(cfg.sft.layout), "tasks": cfg.sft.tasks or "all available",
                   "id_negatives": str(cfg.sft.id_negatives),
                   "backbone": cfg.model.size},
       },

@@ -461,8 +461,8 @@ def test_multitask_variant_changes_only_the_task_lists():
 
 
 def test_paired_runs_pairs_two_work_directories(tmp_path, monkeypatch):
-  """compare.paired_runs (launch.paired): two rows of different runs on the same data pair task by task; different
-  data, or a row never evaluated, is an error naming it."""
+  """compare.paired_runs (launch.paired): two rows of different runs on the same data pair
+  task by task; different data, or a row never evaluated, is an error naming it."""
   import numpy as np
 
   from sigma_jax import workdir as wd
