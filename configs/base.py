@@ -200,6 +200,9 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0: APF with this constant σ for every query instead of the adaptive std(φ) (the
   # sigma_fixed_fusion ablation; only σ/τ matters, so its row sweeps τ at σ = 1). 0: adaptive.
   c.generation.apf_fixed_sigma = 0.0
+  # λ of a popularity prior: each item's retrieval score is cos(h, v̂_i) + λ · log(1 + n_i),
+  # n_i its training interactions (within its bucket's top M and in APF). 0: none (DESIGN).
+  c.generation.item_prior = 0.0
   # How Category and Query constraints act: "hard" (the decoder reaches only the items that
   # satisfy them) or "soft" (the instruction is in the prompt and nothing else restricts
   # decoding: constraint_satisfaction@10 then measures instruction following).

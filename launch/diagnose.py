@@ -23,6 +23,8 @@ _SPLITS = flags.DEFINE_list("splits", ["validation"], "Splits to report (collab_
 _BEAMS = flags.DEFINE_list("beams", ["20"], "Beam widths K (decoding).")
 _TOP_M = flags.DEFINE_list("top_m", ["20"], "Items kept per prefix M (decoding).")
 _TAUS = flags.DEFINE_list("taus", ["0.003"], "APF τ values (decoding).")
+_PRIORS = flags.DEFINE_list("item_priors", None, "Popularity-prior weights λ "
+                            "(generation.item_prior) to try (decoding); default: the config's.")
 _LIMIT = flags.DEFINE_integer("limit", 3000, "Validation examples per task (decoding; 0: all).")
 flags.mark_flags_as_required(["config", "workdir", "what"])
 
@@ -34,7 +36,7 @@ def main(argv):
     lines = diagnostics.collab_cosine(cfg, workdir, _SPLITS.value)
   else:
     lines = diagnostics.decoding(cfg, workdir, _BEAMS.value, _TOP_M.value, _TAUS.value,
-                                 _LIMIT.value)
+                                 _LIMIT.value, _PRIORS.value)
   print("\n".join(lines))
 
 

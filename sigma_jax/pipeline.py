@@ -81,7 +81,8 @@ _INCIDENTAL = frozenset({"log_every", "ckpt_every", "eval_batch", "encode_batch"
 # runs did: a recipe without the key equals one with this value.
 _ADDED_DEFAULTS = {"sft.similarity": "cosine", "collab.select_metric": "ndcg@10",
                    "dataset.format": "", "sft.init": "auto",
-                   "generation.apf_fixed_sigma": 0.0, "sft.text_features": "grounded",
+                   "generation.apf_fixed_sigma": 0.0, "generation.item_prior": 0.0,
+                   "sft.text_features": "grounded",
                    "generation.constraints": "hard", "generation.instruction": "given",
                    "generation.eval_sample": "first", "generation.eval_sample_seed": 0}
 

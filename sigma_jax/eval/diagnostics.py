@@ -44,22 +44,28 @@ def collab_cosine(cfg, workdir: str, splits) -> list:
   return lines
 
 
-def decoding(cfg, workdir: str, beams, top_ms, taus, limit: int | None) -> list:
-  """Validation mean NDCG@10 and R@10 of a trained SIGMA model at each (K, M, τ).
+def decoding(cfg, workdir: str, beams, top_ms, taus, limit: int | None,
+             item_priors=None) -> list:
+  """Validation mean NDCG@10 and R@10 of a trained SIGMA model at each (K, M, λ, τ).
 
-  Each (K, M) is one ``tau.sweep`` (cached in WORKDIR/tau_sweep.json, so the comparison's own
-  sweep at the same settings is reused).
+  λ is ``generation.item_prior`` (``item_priors``; None: the config's). Each (K, M, λ) is one
+  ``tau.sweep`` (cached in WORKDIR/tau_sweep.json, so the comparison's own sweep at the same
+  settings is reused).
   """
   names = sft.task_list(cfg.generation.eval_tasks)
-  lines = ["| K | M | τ | validation mean NDCG@10 | R@10 |", "|---|---|---|---|---|"]
+  priors = [cfg.generation.get("item_prior", 0.0)] if item_priors is None else item_priors
+  lines = ["| K | M | λ (item prior) | τ | validation mean NDCG@10 | R@10 |",
+           "|---|---|---|---|---|---|"]
   for k in beams:
     for m in top_ms:
-      c = cfg.copy_and_resolve_references()
-      c.generation.num_beams, c.generation.top_m = int(k), int(m)
-      res = tau_lib.sweep(c, workdir, taus, limit=limit or None, tasks=names)
-      for tau in taus:
-        by_task = res["metrics"][tau_lib.key(tau)]
-        ndcg = np.mean([r["ndcg@10"] for r in by_task.values()])
-        hr = np.mean([r["hr@10"] for r in by_task.values()])
-        lines.append(f"| {k} | {m} | {tau} | {ndcg:.4f} | {hr:.4f} |")
+      for lam in priors:
+        c = cfg.copy_and_resolve_references()
+        c.generation.num_beams, c.generation.top_m = int(k), int(m)
+        c.generation.item_prior = float(lam)
+        res = tau_lib.sweep(c, workdir, taus, limit=limit or None, tasks=names)
+        for tau in taus:
+          by_task = res["metrics"][tau_lib.key(tau)]
+          ndcg = np.mean([r["ndcg@10"] for r in by_task.values()])
+          hr = np.mean([r["hr@10"] for r in by_task.values()])
+          lines.append(f"| {k} | {m} | {lam} | {tau} | {ndcg:.4f} | {hr:.4f} |")
   return lines

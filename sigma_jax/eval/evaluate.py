@@ -146,4 +146,6 @@ def load_generator(cfg, workdir: str, mode=None, fuse=None):
   assets = sft.load_assets(cfg, workdir)
   mesh = parallel.make_mesh(cfg.mesh)
   graphdef, params, step = sft.load_params(cfg, workdir, assets, mesh)
-  return ds, gen_lib.Generator(cfg, assets, graphdef, params, mode=mode, fuse=fuse), step
+  counts = tasks_lib.train_popularity(ds.splits)  # for generation.item_prior
+  return ds, gen_lib.Generator(cfg, assets, graphdef, params, mode=mode, fuse=fuse,
+                               item_counts=counts), step

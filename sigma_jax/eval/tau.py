@@ -10,7 +10,8 @@ every task). Results are cached in ``WORKDIR/tau_sweep.json``, one entry per swe
   {"sweeps": [{"settings": {"split": "validation", "examples_per_task": "all" | M,
                             "tasks": "all" | [names], "mode", "fuse", "num_beams", "top_m",
                             "top_n", "exclude_history", "sft_step"
-                            (+ "apf_fixed_sigma" when σ is fixed,
+                            (+ "apf_fixed_sigma" when σ is fixed, "item_prior" when
+                            not 0, "constraints" / "instruction" when soft / none,
                             + "sample_seed" for a random sample of M)},
                "metrics": {"<τ>": {task: metrics}},   # every τ evaluated so far
                "wall_time_s": seconds spent on this entry, over all runs}]}
@@ -52,6 +53,13 @@ def settings(cfg, workdir: str, limit: int | None = None, tasks=None) -> dict:
          "exclude_history": bool(cfg.dataset.exclude_history), "sft_step": sft_step(workdir)}
   if float(g.apf_fixed_sigma) > 0:  # absent when adaptive: earlier caches keep their keys
     out["apf_fixed_sigma"] = float(g.apf_fixed_sigma)
+  # Like apf_fixed_sigma: present only when not the default, so earlier caches keep their keys.
+  if float(g.get("item_prior", 0.0)) != 0.0:
+    out["item_prior"] = float(g.item_prior)
+  if g.get("constraints", "hard") != "hard":
+    out["constraints"] = str(g.constraints)
+  if g.get("instruction", "given") != "given":
+    out["instruction"] = str(g.instruction)
   if limit is not None and g.get("eval_sample", "first") == "random":  # absent for "first"
     out["sample_seed"] = int(g.eval_sample_seed)
   return out
@@ -77,7 +85,10 @@ def _evaluate(cfg, generator, taus, limit, tasks) -> dict:
       if not len(ex.target):
         continue
       ex = E.limit_examples(ex, limit, g)
-      ranked = E.rank_examples(gen, ex, batch, tau=float(tau))
+      # Ranked as the row's own evaluation ranks (soft constraints, no instruction).
+      ranked = E.rank_examples(gen, ex, batch, tau=float(tau),
+                               hard=g.get("constraints", "hard") == "hard",
+                               instruction=g.get("instruction", "given") == "given")
       m = E.task_metrics(ranked, ex, ds, extras)
       if "category_coverage@10" not in m:  # the trade-off figure wants it on every task
         m["category_coverage@10"] = M.category_coverage(ranked[:, :10], membership,

@@ -64,11 +64,14 @@ def _normalize(x: jax.Array) -> jax.Array:
 def bucket_retrieval(h: jax.Array, prefix_ids: jax.Array, bucket_table: jax.Array,
                      item_emb: jax.Array, num_items: int,
                      allowed: jax.Array | None = None,
-                     normalize: bool = True) -> tuple[jax.Array, jax.Array]:
+                     normalize: bool = True,
+                     item_bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Exact cosine top-M among the items of each prefix's bucket.
 
   With ``normalize=False`` the score is the dot product of query and key (a model trained with
-  ``sft.similarity='dot'``); "cos" below then means that score.
+  ``sft.similarity='dot'``); "cos" below then means that score. With ``item_bias`` [N] each
+  item's score is its cosine plus its bias (``generation.item_prior``: λ · log(1 + training
+  count)), for the top M and for APF alike; "cos" then means that sum.
 
   Args:
     h: [B, K, D] query state per prefix (the `<q>` hidden state, projected).
@@ -97,6 +100,8 @@ def bucket_retrieval(h: jax.Array, prefix_ids: jax.Array, bucket_table: jax.Arra
   if normalize:
     keys, h = _normalize(keys), _normalize(h)
   cos = jnp.einsum("bkd,bkmd->bkm", h, keys)  # [B, K, Bmax]
+  if item_bias is not None:
+    cos = cos + jnp.take(item_bias.astype(jnp.float32), jnp.maximum(rows, 0))
   cos = jnp.where(rows >= 0, cos, NEG_INF)
   top_cos, idx = jax.lax.top_k(cos, num_items)  # [B, K, M]
   items = jnp.take_along_axis(rows, idx, axis=-1)

@@ -53,7 +53,7 @@ def _cache_len(prompt_len: int, levels: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats, tables,
-             bucket_table, allowed, tau, fixed_sigma=0.0, *,
+             bucket_table, allowed, tau, fixed_sigma=0.0, item_bias=None, *,
              spec: DecodeSpec) -> fusion.Ranked:
   """Top-N items for a batch of prompts.
 
@@ -70,6 +70,8 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
       a disallowed one anyway (tables built from less) is dropped.
     tau: APF temperature τ (a traced scalar: sweeping it does not recompile).
     fixed_sigma: > 0: APF's σ for every query instead of the adaptive one (traced, like τ).
+    item_bias: optional [N] added to every item's retrieval score (`generation.item_prior`);
+      an argument, so another weight does not recompile. Unused in gr_sid.
     spec: `DecodeSpec`.
 
   Returns:
@@ -98,6 +100,8 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
     h, _ = model.backbone(q_in, cache=cache)
     q = model.query(h[:, 1])  # [B, D]
     cos = q @ item_keys.T  # [B, N]
+    if item_bias is not None:
+      cos = cos + item_bias[None, :]
     cos = jnp.where(allowed, cos, NEG_INF)
     top, items = jax.lax.top_k(cos, spec.top_n)
     ok = top > DEAD
@@ -130,7 +134,7 @@ def generate(graphdef, params, item_keys, tokens, inject_items, attn_mask, feats
   q = model.query(h[:, 1]).reshape(b, k, -1)  # [B, K, D]
   # Items of a prefix bucket that break the instruction's constraint never reach the ranking.
   cand, cos = fusion.bucket_retrieval(q, res.prefix_ids, bucket_table, item_keys, spec.top_m,
-                                      allowed, normalize=spec.normalize)
+                                      allowed, normalize=spec.normalize, item_bias=item_bias)
   if spec.fuse:
     return fusion.apf_rank(res.scores, res.valid, cand, cos, tau, spec.top_n, fixed_sigma)
   return fusion.unfused_rank(res.scores, res.valid, cand, cos, spec.top_n)
@@ -152,11 +156,34 @@ def trim_prompts(arrays: dict, bucket: int) -> dict:
           for k, v in arrays.items()}
 
 
+def item_prior_bias(weight: float, item_counts: np.ndarray | None, num_items: int) -> np.ndarray:
+  """[N] float32 λ · log(1 + n_i), the popularity prior added to each item's retrieval score
+  (``generation.item_prior`` = λ; n_i: item i's training interactions). Zeros when λ is 0.
+
+  Raises:
+    ValueError: λ is not 0 and ``item_counts`` is missing or not one count per item.
+  """
+  weight = float(weight)
+  if weight == 0.0:
+    return np.zeros((num_items,), np.float32)
+  if item_counts is None or np.shape(item_counts) != (num_items,):
+    got = "none" if item_counts is None else f"shape {np.shape(item_counts)}"
+    raise ValueError(f"generation.item_prior={weight} needs one training count per item "
+                     f"({num_items}); got {got}")
+  counts = np.asarray(item_counts, np.float64)
+  if (counts < 0).any():
+    raise ValueError("item counts must be >= 0")
+  return (weight * np.log1p(counts)).astype(np.float32)
+
+
 class Generator:
   """Host-side wrapper: builds tables once, batches prompts, calls `generate`."""
 
   def __init__(self, cfg, assets, graphdef, params, *, mode: str | None = None,
-               fuse: bool | None = None, exclude_history: bool | None = None):
+               fuse: bool | None = None, exclude_history: bool | None = None,
+               item_counts: np.ndarray | None = None):
+    """``item_counts`` [N]: training interactions per item, needed (and used) only when
+    ``generation.item_prior`` is not 0."""
     g = cfg.generation
     self.exclude_history = bool(cfg.dataset.exclude_history
                                 if exclude_history is None else exclude_history)
@@ -195,6 +222,8 @@ class Generator:
     self.feats = self._put(np.asarray(assets.feats))
     self.item_keys = jax.jit(model.item_keys)(self.feats)
     self.bucket_table = self._put(np.asarray(self.bucket_table))
+    self.item_bias = self._put(item_prior_bias(g.get("item_prior", 0.0), item_counts,
+                                               len(sids)))
     if self.full_tables is not None:
       self.full_tables = self._put(self.full_tables)
 
@@ -256,5 +285,5 @@ class Generator:
     out = generate(self.graphdef, self.params, self.item_keys, put(arrays["tokens"]),
                    put(arrays["inject_items"]), put(arrays["attn_mask"]), self.feats, tables,
                    self.bucket_table, put(mask), tau,
-                   float(self.cfg.generation.apf_fixed_sigma), spec=self.spec)
+                   float(self.cfg.generation.apf_fixed_sigma), self.item_bias, spec=self.spec)
     return jax.device_get(out)

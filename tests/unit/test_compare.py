@@ -239,7 +239,16 @@ def test_plots_and_diagnostics_read_the_same_sweep(tmp_path, monkeypatch):
   lines = diagnostics.decoding(cfg, str(tmp_path), [cfg.generation.num_beams],
                                [cfg.generation.top_m], ["0.1"], 64)
   assert calls == [] and lines[2] == f"| {cfg.generation.num_beams} | " \
-      f"{cfg.generation.top_m} | 0.1 | 0.2500 | 0.5000 |"
+      f"{cfg.generation.top_m} | 0.0 | 0.1 | 0.2500 | 0.5000 |"
+  # Another popularity-prior weight is another sweep: evaluated, then cached under its own key.
+  from sigma_jax.eval import evaluate
+  monkeypatch.setattr(evaluate, "load_generator", lambda cfg, workdir: (None, None, 0))
+  lines = diagnostics.decoding(cfg, str(tmp_path), [cfg.generation.num_beams],
+                               [cfg.generation.top_m], ["0.1"], 64, item_priors=["0.05"])
+  assert calls == [0.1] and "| 0.05 | 0.1 |" in lines[2]
+  diagnostics.decoding(cfg, str(tmp_path), [cfg.generation.num_beams],
+                       [cfg.generation.top_m], ["0.1"], 64, item_priors=["0.05"])
+  assert calls == [0.1]
 
 
 def test_rows_are_config_variants():

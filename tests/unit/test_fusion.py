@@ -181,3 +181,36 @@ def test_bucket_retrieval_masks_disallowed_items_before_top_m():
                                      jnp.asarray(allowed))
   assert sorted(np.asarray(items)[0, 0].tolist()) == sorted(order[-2:].tolist())
   np.testing.assert_allclose(np.asarray(c)[0, 0], np.sort(cos[order[-2:]])[::-1], rtol=1e-5)
+
+
+def test_item_prior_adds_log_popularity_to_the_retrieval_score():
+  """generation.item_prior = λ: an item's score is cos + λ·log(1 + n_i) for the top M (and
+  hence APF); λ = 0 is exactly the plain retrieval."""
+  from sigma_jax.generate import generator as gen_lib
+
+  rng = np.random.default_rng(4)
+  n, d, m = 30, 6, 5
+  prefix_ids, table, sizes, _ = rq.prefix_buckets(rng.integers(0, 3, (n, 1)), 1)
+  emb = rng.normal(size=(n, d)).astype(np.float32)
+  h = rng.normal(size=(1, 2, d)).astype(np.float32)
+  pids = np.array([[0, 2]], np.int32)
+  counts = rng.integers(0, 500, n)
+  bias = gen_lib.item_prior_bias(0.05, counts, n)
+  np.testing.assert_allclose(bias, 0.05 * np.log1p(counts), rtol=1e-6)
+  items, score = fusion.bucket_retrieval(h, pids, table, emb, m, item_bias=jnp.asarray(bias))
+  en = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+  for kk in range(2):
+    members = np.flatnonzero(prefix_ids == pids[0, kk])
+    s = en[members] @ (h[0, kk] / np.linalg.norm(h[0, kk])) + bias[members]
+    order = np.argsort(-s, kind="stable")[:m]
+    np.testing.assert_array_equal(np.asarray(items[0, kk]), members[order])
+    np.testing.assert_allclose(np.asarray(score[0, kk]), s[order], rtol=1e-5, atol=1e-6)
+  plain = fusion.bucket_retrieval(h, pids, table, emb, m)
+  zero = fusion.bucket_retrieval(h, pids, table, emb, m,
+                                 item_bias=jnp.asarray(gen_lib.item_prior_bias(0.0, None, n)))
+  for a, b in zip(plain, zero):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="item_prior=0.1 needs one training count per item"):
+    gen_lib.item_prior_bias(0.1, None, n)
+  with pytest.raises(ValueError, match=r"shape \(3,\)"):
+    gen_lib.item_prior_bias(0.1, np.ones(3), n)

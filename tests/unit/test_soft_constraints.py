@@ -112,3 +112,32 @@ def test_soft_rows_reuse_sigma_and_popular_soft_ignores_the_constraint(tmp_path,
     link = os.path.join(compare.row_dir(w, row), "sft")
     assert os.path.realpath(link) == os.path.realpath(os.path.join(compare.row_dir(w, "sigma"),
                                                                    "sft"))
+
+
+def test_tau_sweep_ranks_as_the_row_evaluates(monkeypatch):
+  """A soft row's τ is chosen under soft decoding (and the no-instruction row's without the
+  instruction), and each decoding has its own entry in the sweep cache."""
+  from sigma_jax.data import tasks as tasks_lib
+  from sigma_jax.eval import tau as tau_lib
+
+  seen = []
+
+  def fake_rank(gen, ex, batch, tau=None, hard=True, instruction=True, **_):
+    seen.append((hard, instruction))
+    return np.zeros((len(ex.target), 3), np.int32)
+
+  ex = _category_examples()
+  monkeypatch.setattr(evaluate, "rank_examples", fake_rank)
+  monkeypatch.setattr(evaluate, "task_metrics", lambda ranked, ex, ds, extras: {})
+  monkeypatch.setattr(tasks_lib, "item_categories", lambda ds: (None, np.zeros((ITEMS, 2))))
+  monkeypatch.setattr(tasks_lib, "tail_items", lambda splits, share: np.zeros(ITEMS, bool))
+  monkeypatch.setattr(tasks_lib, "build_tasks", lambda *a, **k: {"category": ex})
+  ds = types.SimpleNamespace(splits=None)
+  keys = []
+  for variant in ("sigma", "sigma_soft", "sigma_no_instruction"):
+    cfg = base.apply_variant(demo.get_config(), variant)
+    tau_lib._evaluate(cfg, (ds, None, 0), [0.01], None, None)
+    keys.append(tau_lib.settings(cfg, "/nonexistent"))
+  assert seen == [(True, True), (False, True), (False, False)]
+  assert len({str(sorted(k.items())) for k in keys}) == 3
+  assert "constraints" not in keys[0] and "instruction" not in keys[0]  # old caches still hit
