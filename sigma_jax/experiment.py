@@ -109,8 +109,8 @@ def run(cfg, workdir: str, rows=compare.ROWS, taus=compare.DEFAULT_TAUS, *,
     base, all_items = compare.split_row(row)
     pcfg = compare.protocol_config(cfg.copy_and_resolve_references(), all_items)
     if base in compare.POPULAR_ROWS:
-      pcfg = compare.protocol_config(configure(cfg.copy_and_resolve_references(), base),
-                                     all_items)
+      pcfg = compare.relaxed_tasks(compare.protocol_config(
+          configure(cfg.copy_and_resolve_references(), base), all_items))
       if not select_only:  # nothing to select: its row is its validation and test metrics
         out[row] = compare.popular_row(pcfg, workdir, row)
         timing[row] = utils.read_json(wd.path(compare.row_dir(workdir, row),

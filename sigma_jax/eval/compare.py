@@ -93,13 +93,34 @@ def protocol_config(cfg, all_items: bool):
   return cfg
 
 
+def relaxed_tasks(cfg):
+  """``cfg`` (in place) evaluating only the tasks whose constraint it relaxes, when it decodes
+  with soft constraints (the rows sigma_soft, sigma_no_instruction, popular_soft).
+
+  Soft decoding differs from hard decoding only on the hard-constraint tasks (Category, Query);
+  on every other task such a row would repeat its hard twin's ranking. A config evaluating none
+  of those tasks is left as it is.
+  """
+  from sigma_jax.data import tasks as tasks_lib
+  from sigma_jax.train import sft
+  if cfg.generation.constraints != "soft":
+    return cfg
+  names = sft.task_list(cfg.generation.eval_tasks) or list(tasks_lib.HARD_CONSTRAINT_TASKS)
+  relaxed = [t for t in names if t in tasks_lib.HARD_CONSTRAINT_TASKS]
+  if relaxed:
+    cfg.generation.eval_tasks = ",".join(relaxed)
+  return cfg
+
+
 def row_config(cfg, row: str, configure: Configure):
   """The row's config: a resolved copy of ``cfg`` with the row's variant (and, for an
-  ``@all_items`` row, TIGER's protocol) applied."""
+  ``@all_items`` row, TIGER's protocol) applied; a soft row evaluates the constrained tasks
+  only (``relaxed_tasks``)."""
   base, all_items = split_row(row)
   if base not in MODEL_ROWS:
     raise ValueError(f"{row!r} is not a generative row; those are {', '.join(MODEL_ROWS)}")
-  return protocol_config(configure(cfg.copy_and_resolve_references(), base), all_items)
+  return relaxed_tasks(protocol_config(configure(cfg.copy_and_resolve_references(), base),
+                                       all_items))
 
 
 def select_tau(cfg, rdir: str, taus, tau_limit: int = 0) -> dict:

@@ -76,11 +76,12 @@ def test_soft_decoding_can_leave_the_constraint_hard_cannot():
 
 
 def test_soft_rows_reuse_sigma_and_popular_soft_ignores_the_constraint(tmp_path, monkeypatch):
-  runs, popular = [], []
+  runs, popular, tasks_of = [], [], {}
 
   def fake_pipeline(cfg, rdir, strict=False):
     runs.append((os.path.basename(rdir), cfg.stages, cfg.generation.constraints,
                  cfg.generation.instruction))
+    tasks_of[os.path.basename(rdir)] = cfg.generation.eval_tasks
     for st in str(cfg.stages).split(","):
       os.makedirs(os.path.join(rdir, st), exist_ok=True)
     if cfg.stages == "eval":
@@ -88,6 +89,7 @@ def test_soft_rows_reuse_sigma_and_popular_soft_ignores_the_constraint(tmp_path,
 
   def fake_popular(cfg, workdir, row):
     popular.append((row, cfg.generation.constraints))
+    tasks_of[row] = cfg.generation.eval_tasks
     os.makedirs(os.path.join(compare.row_dir(workdir, row), "eval"), exist_ok=True)
     utils.write_json(os.path.join(compare.row_dir(workdir, row), "eval", "metrics.json"),
                      {"wall_time_s": 0.0})
@@ -108,6 +110,10 @@ def test_soft_rows_reuse_sigma_and_popular_soft_ignores_the_constraint(tmp_path,
   assert evals == [("sigma", "eval", "hard", "given"), ("sigma_soft", "eval", "soft", "given"),
                    ("sigma_no_instruction", "eval", "soft", "none")]
   assert [r[0] for r in runs if r[1] == "sft"] == ["sigma"]  # trained once, reused by both
+  # Soft rows evaluate only the tasks whose constraint they relax; the others every task.
+  tasks_of.pop(os.path.basename(w))  # the shared stages' run
+  assert tasks_of == {"popular": "", "popular_soft": "query,category", "sigma": "",
+                      "sigma_soft": "query,category", "sigma_no_instruction": "query,category"}
   for row in ("sigma_soft", "sigma_no_instruction"):
     link = os.path.join(compare.row_dir(w, row), "sft")
     assert os.path.realpath(link) == os.path.realpath(os.path.join(compare.row_dir(w, "sigma"),
