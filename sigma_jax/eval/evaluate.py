@@ -53,6 +53,13 @@ def rank_examples(gen: gen_lib.Generator, ex, batch_size: int, tau: float | None
   return out
 
 
+def decoding_flags(g) -> dict:
+  """``rank_examples``' ``hard`` and ``instruction`` as generation config ``g`` asks
+  (``constraints``, ``instruction``): evaluation and the τ sweep rank the same way."""
+  return {"hard": g.get("constraints", "hard") == "hard",
+          "instruction": g.get("instruction", "given") == "given"}
+
+
 def limit_examples(ex, limit: int | None, g=None):
   """At most ``limit`` of a task's examples (None: all of them), chosen as the generation config
   ``g`` says (``generation.eval_sample``; None: "first").
@@ -133,8 +140,7 @@ def evaluate(cfg, ds, gen, splits=("validation", "test"), task_names=None, tau=N
         continue
       ex = limit_examples(ex, limit, cfg.generation)
       ranked = rank_examples(gen, ex, int(cfg.generation.eval_batch), tau, None, progress,
-                             hard=cfg.generation.constraints == "hard",
-                             instruction=cfg.generation.instruction == "given")
+                             **decoding_flags(cfg.generation))
       results.setdefault(name, {})[split] = task_metrics(ranked, ex, ds, extras)
       if ranks_out is not None:
         ranks_out[f"{name}/{split}"] = M.target_rank(ranked, ex.target[:len(ranked)])
@@ -146,6 +152,7 @@ def load_generator(cfg, workdir: str, mode=None, fuse=None):
   assets = sft.load_assets(cfg, workdir)
   mesh = parallel.make_mesh(cfg.mesh)
   graphdef, params, step = sft.load_params(cfg, workdir, assets, mesh)
-  counts = tasks_lib.train_popularity(ds.splits)  # for generation.item_prior
+  counts = (tasks_lib.train_popularity(ds.splits)  # only generation.item_prior reads them
+            if cfg.generation.get("item_prior", 0.0) else None)
   return ds, gen_lib.Generator(cfg, assets, graphdef, params, mode=mode, fuse=fuse,
                                item_counts=counts), step

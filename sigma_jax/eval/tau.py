@@ -86,9 +86,7 @@ def _evaluate(cfg, generator, taus, limit, tasks) -> dict:
         continue
       ex = E.limit_examples(ex, limit, g)
       # Ranked as the row's own evaluation ranks (soft constraints, no instruction).
-      ranked = E.rank_examples(gen, ex, batch, tau=float(tau),
-                               hard=g.get("constraints", "hard") == "hard",
-                               instruction=g.get("instruction", "given") == "given")
+      ranked = E.rank_examples(gen, ex, batch, tau=float(tau), **E.decoding_flags(g))
       m = E.task_metrics(ranked, ex, ds, extras)
       if "category_coverage@10" not in m:  # the trade-off figure wants it on every task
         m["category_coverage@10"] = M.category_coverage(ranked[:, :10], membership,

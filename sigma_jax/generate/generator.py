@@ -222,8 +222,10 @@ class Generator:
     self.feats = self._put(np.asarray(assets.feats))
     self.item_keys = jax.jit(model.item_keys)(self.feats)
     self.bucket_table = self._put(np.asarray(self.bucket_table))
-    self.item_bias = self._put(item_prior_bias(g.get("item_prior", 0.0), item_counts,
-                                               len(sids)))
+    # No prior (λ = 0): no bias argument, so decoding does no per-candidate gather for it.
+    prior = float(g.get("item_prior", 0.0))
+    self.item_bias = (self._put(item_prior_bias(prior, item_counts, len(sids))) if prior
+                      else None)
     if self.full_tables is not None:
       self.full_tables = self._put(self.full_tables)
 
