@@ -102,6 +102,23 @@ class _Writer:
       self.put(special[text.QUERY], q_item=item if is_target else -1)
 
 
+def prompt_length(spec: PromptSpec, history_lens, instruction_lens, extra: int = 0,
+                  with_target: bool = True) -> np.ndarray:
+  """The token count ``build_prompt`` writes for each example, without writing it.
+
+  Args:
+    history_lens, instruction_lens: [E] history items (padding not counted) and instruction
+      tokens of each example.
+    extra: profile and history-verb tokens, the same for every example.
+    with_target: training prompts (the target's tokens after ``<|end|> <|start|>``); False
+      for evaluation prompts.
+  """
+  per_item = spec.prefix_len + (0 if spec.sid_only else 2)  # a(i) <q> <item>, or a(i)
+  target = spec.prefix_len + (0 if spec.sid_only else 1) if with_target else 0  # a(t) <q>
+  return (1 + int(extra) + np.asarray(history_lens, np.int64) * per_item
+          + np.asarray(instruction_lens, np.int64) + 2 + target)
+
+
 def build_prompt(spec: PromptSpec, history: np.ndarray, instruction_ids: list[int],
                  target: int | None, every_position: bool = False,
                  profile_ids: list[int] | None = None, verb_ids: list[int] | None = None

@@ -14,6 +14,7 @@ gradient norm, tokens/s) and ``tasks.json`` (examples per task and split).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -26,6 +27,7 @@ from flax import nnx
 
 from sigma_jax import checkpoint, distributed, parallel, workdir as wd
 from sigma_jax.data import loader, prompts, tasks, text
+from sigma_jax.data.splits import PAD_ITEM
 from sigma_jax.models import backbone, projfuse, sigma
 from sigma_jax.train import ground, optim, pretrain, tokenize
 
@@ -175,7 +177,23 @@ def training_examples(cfg, ds: loader.Dataset, assets: Assets) -> tuple[list, di
     counts[name] = int(len(ex.target))
   if not examples:
     raise ValueError("no training examples for any task")
+  check_prompt_lengths(examples, assets, int(cfg.sft.max_len))
   return examples, counts
+
+
+def check_prompt_lengths(examples: list, assets: Assets, max_len: int) -> None:
+  """A clear error before training when some examples' prompts exceed ``sft.max_len``, naming
+  their tasks and the length that fits them all (``build_prompt`` would fail mid-run)."""
+  hist = [int(np.count_nonzero(np.asarray(ex.history) != PAD_ITEM)) for ex in examples]
+  lens = prompts.prompt_length(assets.spec, hist, [len(ex.instruction) for ex in examples],
+                               len(assets.verb_ids or []))
+  over = lens > max_len
+  if over.any():
+    by_task = collections.Counter(ex.task for ex, o in zip(examples, over) if o)
+    where = ", ".join(f"{n} {t}" for t, n in sorted(by_task.items()))
+    raise ValueError(f"{int(over.sum())} training prompts are longer than sft.max_len="
+                     f"{max_len} ({where}); the longest has {int(lens.max())} tokens: raise "
+                     f"sft.max_len to at least {int(lens.max())} or lower dataset.max_history")
 
 
 def example_prompt(ex: Example, assets: Assets) -> dict:

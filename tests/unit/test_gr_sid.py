@@ -192,3 +192,32 @@ def test_gr_sid_nothing_allowed_is_an_error():
   allowed[0, [1, 2]] = True
   with pytest.raises(ValueError, match="allows no item"):
     _recommend(allowed, hist)
+
+
+@pytest.mark.parametrize("mode", ["sigma", "gr_id", "gr_sid"])
+def test_prompt_length_counts_what_build_prompt_writes(mode):
+  """`prompts.prompt_length` (sft's pre-flight check) equals the tokens `build_prompt` writes,
+  for training and evaluation prompts of several history and instruction lengths."""
+  _, a = _assets(mode)
+  rng = np.random.default_rng(1)
+  for n_hist, n_instr in [(1, 0), (3, 2), (5, 7)]:
+    hist = np.concatenate([[-1, -1], rng.integers(0, ITEMS, n_hist)])  # left padding
+    instr = [900 + i for i in range(n_instr)]
+    for target in (5, None):
+      got = gen_lib.prompts.build_prompt(a.spec, hist, instr, target, verb_ids=a.verb_ids)
+      want = gen_lib.prompts.prompt_length(a.spec, [n_hist], [n_instr], len(a.verb_ids),
+                                           with_target=target is not None)
+      assert int(got["attn_mask"].sum()) == int(want[0])
+
+
+def test_too_long_training_prompts_fail_before_training():
+  """Prompts longer than sft.max_len are refused up front, with their task and the length that
+  would fit, not by `build_prompt` in the middle of a run."""
+  _, a = _assets("sigma")
+  hist = np.arange(6)
+  short = sft.Example(hist, [900], 7, False, "justforyou")
+  long = sft.Example(hist, [900] * 30, 7, False, "category")
+  n_long = int(gen_lib.prompts.prompt_length(a.spec, [6], [30], len(a.verb_ids))[0])
+  sft.check_prompt_lengths([short, long], a, n_long)  # fits exactly: no error
+  with pytest.raises(ValueError, match=rf"1 category\).*at least {n_long}"):
+    sft.check_prompt_lengths([short, long, short], a, n_long - 1)
