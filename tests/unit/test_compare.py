@@ -457,14 +457,17 @@ def test_tables_are_per_task_when_more_than_justforyou_is_evaluated():
 
 
 def test_multitask_variant_changes_only_the_task_lists():
-  """`:multitask` trains and evaluates every task the data allow; nothing else changes."""
+  """`:multitask` trains and evaluates every task the data allow, with room for Category's
+  longer prompts; nothing else changes."""
   from configs import beauty, scientific
 
   for module in (beauty, scientific):
     one, many = module.get_config().to_dict(), module.get_config("multitask").to_dict()
     assert one["sft"]["tasks"] == one["generation"]["eval_tasks"] == "justforyou"
     assert many["sft"]["tasks"] == many["generation"]["eval_tasks"] == ""
+    assert (one["sft"]["max_len"], many["sft"]["max_len"]) == (128, 144)
     many["sft"]["tasks"] = many["generation"]["eval_tasks"] = "justforyou"
+    many["sft"]["max_len"] = 128
     assert many == one
   # It combines with a row: the multi-task gr_id.
   c = beauty.get_config("multitask,gr_id")
