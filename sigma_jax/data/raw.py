@@ -12,6 +12,7 @@ import dataclasses
 import html
 import io
 import json
+import logging
 import os
 import re
 from typing import Iterator
@@ -169,6 +170,13 @@ def parse_amazon_p5(manual_dir: str, name: str = "beauty") -> RawDataset:
 # Format unisrec (Amazon 2018 Industrial & Scientific as UniSRec publishes it)
 
 
+# UniSRec's text joins an item's category levels with spaces; Scientific's longest real path has
+# 22 words. One item (B00MIK00CI) has its product description run into that field (128 words);
+# a category that long would be a one-item category and a 300-token Category instruction, so a
+# field over this many words is read as no category (the item's text is kept whole).
+MAX_CATEGORY_WORDS = 40
+
+
 def _split_scientific_text(text: str) -> tuple[str, str, str]:
   """'title. category path. brand. ' -> (title, category path, brand)."""
   body = text.strip()
@@ -276,6 +284,11 @@ def parse_unisrec(manual_dir: str, name: str = "scientific") -> RawDataset:
       raise DataError(text_path, None, f"item {asin!r} (index {i}) has no text")
     text = html.unescape(texts[asin][1]).strip()
     title, cats, brand = _split_scientific_text(text)
+    if len(cats.split()) > MAX_CATEGORY_WORDS:
+      logging.warning("%s line %d: item %r's category field has %d words (more than %d), "
+                      "read as no category", text_path, texts[asin][0], asin,
+                      len(cats.split()), MAX_CATEGORY_WORDS)
+      cats = ""
     items.append(Item(raw_id=asin, title=title, category_path=[cats] if cats else [],
                       text=text, brand=brand))
 

@@ -120,3 +120,16 @@ def test_unisrec_category_under_a_new_name(tmp_path, data_root):
   data = raw.parse("my_tools", str(d), "unisrec")
   assert data.stats()["dataset"] == "my_tools"
   assert (len(data.users), len(data.items), data.num_interactions) == (8442, 4385, 59384)
+
+
+def test_unisrec_category_run_into_by_a_description_is_no_category(data_root):
+  """Scientific's item B00MIK00CI has its product description inside the category field (128
+  words); it is read as no category, the other paths have at most 22 words."""
+  data = raw.parse("scientific", os.path.join(data_root, raw.DEFAULT_SUBDIRS["scientific"]),
+                   "unisrec")
+  by_id = {it.raw_id: it for it in data.items}
+  assert by_id["B00MIK00CI"].category_path == []
+  assert by_id["B00MIK00CI"].text.count(" ") > 128  # the text itself is kept whole
+  paths = [it.category_path for it in data.items if it.category_path]
+  assert len(paths) == 4251  # of 4,385 items; the rest have no category field in the text
+  assert max(len(p[0].split()) for p in paths) == 22
