@@ -14,7 +14,9 @@ and Discover, with 128,031 / 128,031 / 128,031 / 26,085 / 96,330 training exampl
 (validation 22,363 / 22,363 / 22,363 / 6,814 / 16,210; test 22,363 / 22,363 / 22,363 / 8,160 /
 15,840). Trained for 6,000 steps (docs/RESULTS.md, "Beauty, five tasks"): soft Category
 constraint_satisfaction@10 .699 against .090 without the instruction; JustForYou test N@10
-(history items excluded) .0250, below the single-task model's .0400 at the same steps (-.0150, paired interval clear of 0).
+(history items excluded) .0250, below the single-task model's .0400 at the same steps (-.0150,
+paired interval clear of 0). Trained the same way, gr_id is ahead of sigma on four of the five
+tasks and gr_sid behind it on all five.
 
 Data: $SIGMA_DATA_DIR/amazon2014/Beauty (or --config.dataset.manual_dir=...).
 Protocol: TIGER's leave-one-out, history <= 20, full ranking over all 12,101 items, the
